@@ -1,0 +1,21 @@
+"""Run every benchmark module listed in BENCHMARKS; each writes bench/results/<name>.json."""
+
+import importlib
+import sys
+
+BENCHMARKS: list[str] = []
+
+
+def main(argv: list[str]) -> int:
+    names = argv or BENCHMARKS
+    if not names:
+        print("no benchmarks registered yet")
+        return 0
+    for name in names:
+        print(f"== bench.{name}")
+        importlib.import_module(f"bench.{name}").main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

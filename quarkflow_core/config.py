@@ -1,0 +1,122 @@
+"""The one typed settings object. Every ``QF_*`` variable is read here and nowhere else."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from quarkflow_core.errors import ConfigError
+
+DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")
+STORAGE_SCHEMES = ("file", "gs")
+DEV_SECRET = "dev-insecure-secret-change-me"  # noqa: S105 - laptop default; set QF_SECRET_KEY
+
+
+class Settings(BaseSettings):
+    """Quarkflow settings. Each field ``x`` is read from ``QF_X`` (or a ``.env`` file)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QF_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Field(Path(".quarkflow"), description="Local state: outbox, caches.")
+    database_url: str = Field(
+        "sqlite:///.quarkflow/quarkflow.db",
+        description="SQLAlchemy URL: sqlite:///path or postgresql://user:pw@host/db",
+    )
+    storage_url: str = Field(
+        "file://.quarkflow/store", description="file://folder or gs://bucket/prefix"
+    )
+    storage_emulator_host: str | None = Field(
+        None,
+        validation_alias=AliasChoices("QF_STORAGE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST"),
+        description="fake-gcs-server address; google-cloud-storage reads the same variable.",
+    )
+    gcs_project: str = Field("quarkflow", description="GCP project used by the GCS client.")
+
+    labelstudio_url: str = Field("http://127.0.0.1:8080", description="Label Studio base URL.")
+    labelstudio_token: SecretStr | None = Field(None, description="Label Studio API token.")
+    prefect_api_url: str | None = Field(None, description="Prefect server; unset = ephemeral.")
+
+    review_threshold: float = Field(
+        0.8, ge=0.0, le=1.0, description="Calibrated confidence below which items go to review."
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(DEV_SECRET), description="Key for hashing API tokens (HMAC pepper)."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in DB_SCHEMES:
+            raise ValueError(
+                f"unknown scheme {scheme!r} in {value!r}; use one of: "
+                + ", ".join(f"{s}://" for s in DB_SCHEMES)
+            )
+        if scheme == "postgresql":
+            # psycopg2 is the driver we pin; say so explicitly for SQLAlchemy.
+            value = "postgresql+psycopg2" + value[len("postgresql") :]
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in STORAGE_SCHEMES:
+            raise ValueError(
+                f"unknown scheme {parts.scheme!r} in {value!r}; use file://folder or "
+                "gs://bucket/prefix"
+            )
+        if parts.scheme == "gs" and not parts.netloc:
+            raise ValueError(f"{value!r} names no bucket; use gs://bucket/prefix")
+        if parts.scheme == "file" and not (parts.netloc + parts.path):
+            raise ValueError(f"{value!r} names no folder; use file://folder")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"{value!r} is not a logging level")
+        return value
+
+    @property
+    def database_backend(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return "sqlite" if self.database_url.startswith("sqlite") else "postgresql"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+
+def _env_name(loc: tuple) -> str:
+    field = str(loc[0]) if loc else "?"
+    if field.startswith(("QF_", "STORAGE_")):
+        return field
+    return "QF_" + field.upper()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning validation errors into one ConfigError line per variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{_env_name(err['loc'])}: {msg}")
+        raise ConfigError("; ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings. Tests call ``get_settings.cache_clear()`` to override."""
+    return load_settings()

@@ -1,0 +1,146 @@
+"""Dataset snapshots: an immutable, content-hashed list of (image, label, split)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from quarkflow_core.errors import InvalidInput, NotFound
+from quarkflow_core.schema import DatasetMember, DatasetSnapshot, Image, Split
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    image_id: int
+    sha256: str
+    label: str
+    split: Split
+
+
+@dataclass(frozen=True)
+class SnapshotItem:
+    """What training and evaluation read: where the bytes are and what they are."""
+
+    image_id: int
+    sha256: str
+    storage_key: str
+    label: str
+    split: Split
+
+
+def snapshot_hash(members: Iterable[MemberSpec], classes: Sequence[str]) -> str:
+    """Order-independent hash of the content: same images, labels and splits -> same hash."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(classes)).encode())
+    for sha, label, split in sorted((m.sha256, m.label, m.split.value) for m in members):
+        h.update(f"{sha}\t{label}\t{split}\n".encode())
+    return h.hexdigest()
+
+
+def stratified_holdout(labels: Sequence[str], *, fraction: float, seed: int) -> list[bool]:
+    """Deterministic per-class split: True marks a hold-out item (round(fraction * n_class))."""
+    if not 0.0 < fraction < 1.0:
+        raise InvalidInput(f"hold-out fraction must be in (0, 1), got {fraction}")
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
+    rng = np.random.default_rng(seed)
+    mask = [False] * len(labels)
+    for label in sorted(by_class):
+        idx = np.array(by_class[label])
+        rng.shuffle(idx)
+        for i in idx[: round(fraction * len(idx))]:
+            mask[int(i)] = True
+    return mask
+
+
+def class_counts(members: Iterable[MemberSpec]) -> dict[str, dict[str, int]]:
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for m in members:
+        counts[m.split.value][m.label] += 1
+    return {split: dict(sorted(c.items())) for split, c in sorted(counts.items())}
+
+
+def create_snapshot(
+    *,
+    session: Session,
+    name: str,
+    members: Sequence[MemberSpec],
+    classes: Sequence[str],
+    parent_id: int | None = None,
+    notes: str | None = None,
+) -> tuple[DatasetSnapshot, bool]:
+    """Create a snapshot, or return the existing one with identical content (idempotent)."""
+    if not members:
+        raise InvalidInput("a dataset snapshot needs at least one member")
+    unknown = {m.label for m in members} - set(classes)
+    if unknown:
+        raise InvalidInput(f"labels not in the class list: {sorted(unknown)}")
+    seen: set[int] = set()
+    for m in members:
+        if m.image_id in seen:
+            raise InvalidInput(f"image {m.image_id} appears twice in the snapshot")
+        seen.add(m.image_id)
+    digest = snapshot_hash(members, classes)
+    existing = session.scalar(select(DatasetSnapshot).where(DatasetSnapshot.content_hash == digest))
+    if existing is not None:
+        return existing, False
+    snap = DatasetSnapshot(
+        name=name,
+        content_hash=digest,
+        classes=list(classes),
+        class_counts=class_counts(members),
+        num_items=len(members),
+        parent_id=parent_id,
+        notes=notes,
+    )
+    session.add(snap)
+    session.flush()
+    session.bulk_insert_mappings(
+        DatasetMember,
+        [
+            {"snapshot_id": snap.id, "image_id": m.image_id, "label": m.label, "split": m.split}
+            for m in members
+        ],
+    )
+    session.flush()
+    return snap, True
+
+
+def get_snapshot(*, session: Session, snapshot_id: int) -> DatasetSnapshot:
+    snap = session.get(DatasetSnapshot, snapshot_id)
+    if snap is None:
+        raise NotFound(f"no dataset snapshot with id {snapshot_id}")
+    return snap
+
+
+def list_snapshots(*, session: Session) -> list[DatasetSnapshot]:
+    return list(session.scalars(select(DatasetSnapshot).order_by(DatasetSnapshot.id)))
+
+
+def snapshot_items(
+    *, session: Session, snapshot_id: int, split: Split | None = None
+) -> list[SnapshotItem]:
+    get_snapshot(session=session, snapshot_id=snapshot_id)
+    q = (
+        select(
+            DatasetMember.image_id,
+            Image.sha256,
+            Image.storage_key,
+            DatasetMember.label,
+            DatasetMember.split,
+        )
+        .join(Image, Image.id == DatasetMember.image_id)
+        .where(DatasetMember.snapshot_id == snapshot_id)
+        .order_by(Image.sha256)
+    )
+    if split is not None:
+        q = q.where(DatasetMember.split == split)
+    return [SnapshotItem(*row) for row in session.execute(q)]

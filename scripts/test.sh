@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole suite against real services: start what is missing, run pytest, stop what we started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+trap 'scripts/services.sh stop' EXIT
+scripts/services.sh start
+export QF_TEST_POSTGRES_URL=${QF_TEST_POSTGRES_URL:-postgresql+psycopg2://quarkflow:quarkflow@127.0.0.1:5432/quarkflow_test}
+export QF_TEST_GCS_HOST=${QF_TEST_GCS_HOST:-http://127.0.0.1:4443}
+set +e
+.venv/bin/python -m pytest -v --durations=15 "$@"
+rc=$?
+set -e
+exit $rc

@@ -1,0 +1,33 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.unit
+def test_ruff_is_clean():
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.unit
+def test_only_config_reads_the_environment():
+    """STYLE point 1: nothing but quarkflow_core/config.py calls os.getenv / os.environ."""
+    offenders = []
+    for path in [
+        *ROOT.glob("quarkflow_core/**/*.py"),
+        *ROOT.glob("app/**/*.py"),
+        *ROOT.glob("flows/**/*.py"),
+        *ROOT.glob("pages/**/*.py"),
+    ]:
+        if path.name == "config.py":
+            continue
+        text = path.read_text()
+        if "os.getenv" in text or "os.environ" in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []

