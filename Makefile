@@ -21,11 +21,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
+DEMO_MODEL := .quarkflow/artifacts/demo-smallcnn
+
 demo: install  ## embedded default: SQLite + ./.quarkflow folder
 	$(BIN)/quarkflow db upgrade
 	$(BIN)/quarkflow seed-demo
+	@if [ -f $(DEMO_MODEL)/manifest.json ]; then echo "demo model already trained: $(DEMO_MODEL)"; \
+	else $(BIN)/quarkflow train --out $(DEMO_MODEL) && $(BIN)/quarkflow export $(DEMO_MODEL) --format onnx; fi
 	@echo
-	@echo "Demo data ready in .quarkflow/ (SQLite + local store)."
+	@echo "Demo data and a trained, calibrated, ONNX-exported model are in .quarkflow/."
+	@echo "Serving (API + Gradio) and the Streamlit workbench land with their issues."
 
 test: install  ## starts Postgres + fake-gcs-server if needed, runs everything, stops them
 	scripts/test.sh $(PYTEST_ARGS)

@@ -1,0 +1,156 @@
+"""Training as a service: snapshot -> fit -> calibrate -> evaluate -> artifact, with a
+``training_runs`` row that tells the workbench what happened (status, device, timings, metrics).
+
+The CLI and the Prefect flows call these functions; nothing here knows about either."""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from quarkflow_core.datasets import get_snapshot
+from quarkflow_core.errors import NotFound
+from quarkflow_core.schema import DatasetSnapshot, RunStatus, Split, TrainingRun
+from quarkflow_core.storage import Storage
+
+
+@dataclass
+class TrainOutcome:
+    run_id: int
+    artifact_dir: Path
+    manifest_sha256: str
+    metrics: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def default_snapshot_id(*, session: Session) -> int:
+    """The newest snapshot (the seed one on a fresh install)."""
+    snap_id = session.scalar(select(DatasetSnapshot.id).order_by(DatasetSnapshot.id.desc()))
+    if snap_id is None:
+        raise NotFound("no dataset snapshot yet; run `quarkflow seed-demo` first")
+    return snap_id
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers people scan first."""
+    hold = metrics.get("holdout", {})
+    out = {k: hold.get(k) for k in ("accuracy", "macro_f1", "ece", "top3_accuracy")}
+    out["ece_uncalibrated"] = metrics.get("holdout_uncalibrated_ece")
+    out["temperature"] = metrics.get("temperature")
+    out["review_threshold"] = metrics.get("review_threshold", {}).get("threshold")
+    if "kfold" in metrics:
+        acc = metrics["kfold"]["accuracy"]
+        out["kfold_accuracy"] = f"{acc['mean']:.4f} ± {acc['std']:.4f}"
+    lat = hold.get("latency", {}).get("batch1", {})
+    out["latency_ms_batch1"] = lat.get("median_ms")
+    return out
+
+
+def train_from_snapshot(
+    *,
+    session: Session,
+    storage: Storage,
+    snapshot_id: int,
+    config: Any,
+    out_dir: str | Path,
+    kfold: int = 0,
+    review_target_accuracy: float = 0.99,
+    progress: Any = None,
+    kfold_progress: Any = None,
+) -> TrainOutcome:
+    """Train on the snapshot's train split, calibrate on the validation carve-out, evaluate on
+    its fixed hold-out, and write a verified artifact. Commits the run row at each stage."""
+    import torch
+
+    from quarkflow_core.ml.artifacts import save_artifact
+    from quarkflow_core.ml.calibration import fit_temperature, threshold_for_accuracy
+    from quarkflow_core.ml.data import load_snapshot
+    from quarkflow_core.ml.engine import predict_logits, select_device
+    from quarkflow_core.ml.evaluate import classification_report, cross_validate, evaluate_model
+    from quarkflow_core.ml.train import fit
+
+    config.validate()
+    snap = get_snapshot(session=session, snapshot_id=snapshot_id)
+    run = TrainingRun(
+        status=RunStatus.RUNNING,
+        config=config.to_dict(),
+        snapshot_id=snap.id,
+        device=str(select_device(config.device)),
+        started_at=datetime.now(UTC),
+    )
+    session.add(run)
+    session.commit()
+    try:
+        preset = config.eval_preset()
+        data = load_snapshot(session=session, storage=storage, snapshot_id=snap.id, preset=preset)
+        if Split.TRAIN not in data or Split.HOLDOUT not in data:
+            raise NotFound(f"snapshot {snap.id} needs both a train and a holdout split")
+        result = fit(data[Split.TRAIN], config, progress=progress)
+        val_logits = predict_logits(result.model, result.val.images, result.preset)
+        temperature = fit_temperature(val_logits, result.val.labels)
+        val_probs = torch.softmax(val_logits / temperature, 1)
+        threshold = threshold_for_accuracy(
+            val_probs, result.val.labels, target=review_target_accuracy
+        )
+        holdout = data[Split.HOLDOUT]
+        metrics: dict[str, Any] = {
+            "holdout": evaluate_model(
+                result.model, holdout, result.preset, temperature=temperature
+            ),
+            "holdout_uncalibrated_ece": classification_report(
+                torch.softmax(predict_logits(result.model, holdout.images, result.preset), 1),
+                holdout.labels,
+                holdout.classes,
+            )["ece"],
+            "validation": {
+                "accuracy": float(val_probs.argmax(1).eq(result.val.labels).float().mean()),
+                "n": len(result.val),
+            },
+            "temperature": temperature,
+            "review_threshold": threshold,
+            "training": result.summary(),
+        }
+        if kfold:
+            metrics["kfold"] = cross_validate(
+                data[Split.TRAIN], config, k=kfold, progress=kfold_progress
+            )
+        sha = save_artifact(
+            out_dir,
+            model=result.model,
+            architecture=config.architecture,
+            classes=result.classes,
+            in_channels=result.in_channels,
+            preset=result.preset,
+            temperature=temperature,
+            metrics=metrics,
+            training={
+                "config": config.to_dict(),
+                "history": result.history,
+                "device": result.device,
+                "run_id": run.id,
+            },
+            dataset={
+                "snapshot_id": snap.id,
+                "content_hash": snap.content_hash,
+                "class_counts": snap.class_counts,
+            },
+        )
+        run.status = RunStatus.SUCCEEDED
+        run.metrics = headline(metrics)
+        run.progress = {"history": result.history}
+        run.finished_at = datetime.now(UTC)
+        session.commit()
+        return TrainOutcome(run.id, Path(out_dir), sha, metrics, result.summary())
+    except BaseException as exc:
+        session.rollback()
+        run.status = RunStatus.FAILED
+        run.error = "".join(traceback.format_exception_only(exc)).strip()[:4000]
+        run.finished_at = datetime.now(UTC)
+        session.commit()
+        raise
