@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS: list[str] = []
+BENCHMARKS: list[str] = ["bench_train", "bench_ml_speed"]
 
 
 def main(argv: list[str]) -> int:
