@@ -245,7 +245,7 @@ def _holdout(session: Session, snapshot: int | None, preset):
 @app.command("train")
 def train(
     architecture: str = typer.Option("smallcnn", "--arch", help="See `quarkflow models-zoo`."),
-    epochs: int = typer.Option(12, help="Maximum epochs (early stopping may end sooner)."),
+    epochs: int = typer.Option(15, help="Maximum epochs (early stopping may end sooner)."),
     batch_size: int = typer.Option(128),
     lr: float = typer.Option(3e-3, help="Peak learning rate (one-cycle schedule)."),
     augment: str = typer.Option("light", help="none | light | photo"),
