@@ -44,6 +44,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     val_fraction: float = 0.1
     patience: int = 4  # epochs without val-loss improvement before stopping
+    # early stopping never ends a run before this epoch (default: 80% of ``epochs``): the
+    # one-cycle schedule's high-LR phase makes validation loss swing, and the best weights
+    # come from the low-LR annealing phase
+    min_epochs: int | None = None
     min_delta: float = 1e-4
     class_weights: bool = False  # inverse-frequency loss weights for imbalanced data
     seed: int = 0
@@ -237,7 +241,8 @@ def fit(
     resumed_from = start_epoch - 1
     started = time.perf_counter()
     train_time = 0.0
-    stopped_early = bad_epochs >= config.patience
+    min_epochs = config.min_epochs if config.min_epochs is not None else int(0.8 * config.epochs)
+    stopped_early = bad_epochs >= config.patience and start_epoch - 1 >= min_epochs
     for epoch in range(start_epoch, config.epochs + 1):
         if stopped_early:
             break
@@ -293,7 +298,7 @@ def fit(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-        stopped_early = bad_epochs >= config.patience
+        stopped_early = bad_epochs >= config.patience and epoch >= min_epochs
         if ckpt_path is not None:
             _atomic_save(
                 {
