@@ -48,7 +48,7 @@ def _interleaved_latency(
     variants: dict[str, Callable[[Any], Any]], inputs: dict[int, Any]
 ) -> dict[str, dict[int, float]]:
     """{variant: {batch: median ms}}: each round times every variant; median over rounds."""
-    from quarkflow_core.ml.prune import median_latency_ms
+    from quarkflow_core.ml.engine import median_latency_ms
 
     samples: dict[str, dict[int, list[float]]] = {v: {} for v in variants}
     with torch.inference_mode():
@@ -99,7 +99,7 @@ def _resnet18_pruning(preset, photos: torch.Tensor) -> tuple[dict, dict[str, nn.
 
 def _smallcnn_pruning() -> dict:
     from quarkflow_core.ml.data import sklearn_digits, stratified_split
-    from quarkflow_core.ml.engine import train_one_epoch
+    from quarkflow_core.ml.engine import train_epochs
     from quarkflow_core.ml.models import get_model
     from quarkflow_core.ml.prune import (
         measure,
@@ -117,22 +117,9 @@ def _smallcnn_pruning() -> dict:
     train, hold = data.subset(train_idx), data.subset(hold_idx)
     torch.manual_seed(0)
     model = get_model("smallcnn", num_classes=10, in_channels=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
     cpu = torch.device("cpu")
     epochs = 3
-    for _ in range(epochs):
-        train_one_epoch(
-            model,
-            train,
-            optimizer=opt,
-            criterion=nn.CrossEntropyLoss(),
-            preset=preset,
-            device=cpu,
-            batch_size=64,
-            generator=gen,
-        )
-    model.eval()
+    train_epochs(model, train, preset, epochs=epochs, lr=3e-3, batch_size=64, device=cpu)
 
     def stats(m: nn.Module) -> dict:
         return measure(

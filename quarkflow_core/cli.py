@@ -400,7 +400,7 @@ def compare_cmd(
         raise typer.BadParameter("the two artifacts have different class lists")
     with _session() as session:
         snap_id, hold_a = _holdout(session, snapshot, la.preset)
-        _, hold_b = _holdout(session, snap_id, lb.preset)
+        hold_b = hold_a if lb.preset == la.preset else _holdout(session, snap_id, lb.preset)[1]
     if hold_a.ids != hold_b.ids:
         raise typer.BadParameter("hold-out items differ between the two presets")
 

@@ -44,11 +44,13 @@ def snapshot_hash(members: Iterable[MemberSpec], classes: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def stratified_holdout(labels: Sequence[str], *, fraction: float, seed: int) -> list[bool]:
+def stratified_holdout(
+    labels: Sequence[str] | Sequence[int], *, fraction: float, seed: int
+) -> list[bool]:
     """Deterministic per-class split: True marks a hold-out item (round(fraction * n_class))."""
     if not 0.0 < fraction < 1.0:
         raise InvalidInput(f"hold-out fraction must be in (0, 1), got {fraction}")
-    by_class: dict[str, list[int]] = defaultdict(list)
+    by_class: dict[str | int, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
         by_class[label].append(i)
     rng = np.random.default_rng(seed)

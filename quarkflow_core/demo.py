@@ -13,9 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import MemberSpec, create_snapshot, stratified_holdout
-from quarkflow_core.images import CONTENT_TYPES, probe_image
+from quarkflow_core.images import image_row, probe_image, store_blob
 from quarkflow_core.schema import Annotation, AnnotationSource, Image, Split
-from quarkflow_core.storage import Storage, content_key
+from quarkflow_core.storage import Storage
 
 DEMO_CLASSES = [str(d) for d in range(10)]
 SEED_SNAPSHOT_NAME = "seed"
@@ -78,14 +78,7 @@ def seed_demo(
 
     # Blobs first (in parallel; create-only, so concurrent or repeated runs are safe).
     def put(k: int) -> bool:
-        info = infos[k]
-        res = storage.put(
-            content_key(info.sha256, ext=info.ext),
-            pngs[k],
-            content_type=CONTENT_TYPES[info.ext],
-            overwrite=False,
-        )
-        return res.created
+        return store_blob(storage, pngs[k], infos[k])
 
     blobs_written = 0
     done = 0
@@ -99,18 +92,7 @@ def seed_demo(
             if progress and (done % 250 == 0 or done == len(todo)):
                 progress(done, len(todo))
 
-    new_rows = [
-        Image(
-            sha256=infos[k].sha256,
-            storage_key=content_key(infos[k].sha256, ext=infos[k].ext),
-            width=infos[k].width,
-            height=infos[k].height,
-            format=infos[k].format,
-            size_bytes=infos[k].size_bytes,
-            source="seed",
-        )
-        for k in todo
-    ]
+    new_rows = [image_row(infos[k], source="seed") for k in todo]
     session.add_all(new_rows)
     session.flush()
     by_sha = {**existing, **{r.sha256: r for r in new_rows}}

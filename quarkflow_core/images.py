@@ -115,6 +115,25 @@ def get_image_by_sha(*, session: Session, sha256: str) -> Image | None:
     return session.scalar(select(Image).where(Image.sha256 == sha256))
 
 
+def store_blob(storage: Storage, data: bytes, info: ImageInfo) -> bool:
+    """Write the bytes at their content address (create-only); True when newly written."""
+    key = content_key(info.sha256, ext=info.ext)
+    return storage.put(key, data, content_type=CONTENT_TYPES[info.ext], overwrite=False).created
+
+
+def image_row(info: ImageInfo, *, source: str) -> Image:
+    """The ``images`` row for stored bytes (not yet added to a session)."""
+    return Image(
+        sha256=info.sha256,
+        storage_key=content_key(info.sha256, ext=info.ext),
+        width=info.width,
+        height=info.height,
+        format=info.format,
+        size_bytes=info.size_bytes,
+        source=source,
+    )
+
+
 def ingest_image(
     *, session: Session, storage: Storage, data: bytes, source: str, info: ImageInfo | None = None
 ) -> tuple[Image, bool]:
@@ -127,17 +146,8 @@ def ingest_image(
     existing = get_image_by_sha(session=session, sha256=info.sha256)
     if existing is not None:
         return existing, False
-    key = content_key(info.sha256, ext=info.ext)
-    storage.put(key, data, content_type=CONTENT_TYPES[info.ext], overwrite=False)
-    row = Image(
-        sha256=info.sha256,
-        storage_key=key,
-        width=info.width,
-        height=info.height,
-        format=info.format,
-        size_bytes=info.size_bytes,
-        source=source,
-    )
+    store_blob(storage, data, info)
+    row = image_row(info, source=source)
     session.add(row)
     session.flush()
     return row, True

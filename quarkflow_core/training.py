@@ -41,7 +41,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The few numbers people scan first."""
     hold = metrics.get("holdout", {})
     out = {k: hold.get(k) for k in ("accuracy", "macro_f1", "ece", "top3_accuracy")}
-    out["ece_uncalibrated"] = metrics.get("holdout_uncalibrated_ece")
+    out["ece_uncalibrated"] = hold.get("ece_uncalibrated")
     out["temperature"] = metrics.get("temperature")
     out["review_threshold"] = metrics.get("review_threshold", {}).get("threshold")
     if "kfold" in metrics:
@@ -72,7 +72,7 @@ def train_from_snapshot(
     from quarkflow_core.ml.calibration import fit_temperature, threshold_for_accuracy
     from quarkflow_core.ml.data import load_snapshot
     from quarkflow_core.ml.engine import predict_logits, select_device
-    from quarkflow_core.ml.evaluate import classification_report, cross_validate, evaluate_model
+    from quarkflow_core.ml.evaluate import cross_validate, evaluate_model
     from quarkflow_core.ml.train import fit
 
     config.validate()
@@ -103,11 +103,6 @@ def train_from_snapshot(
             "holdout": evaluate_model(
                 result.model, holdout, result.preset, temperature=temperature
             ),
-            "holdout_uncalibrated_ece": classification_report(
-                torch.softmax(predict_logits(result.model, holdout.images, result.preset), 1),
-                holdout.labels,
-                holdout.classes,
-            )["ece"],
             "validation": {
                 "accuracy": float(val_probs.argmax(1).eq(result.val.labels).float().mean()),
                 "n": len(result.val),

@@ -23,6 +23,8 @@ from quarkflow_core.ml.evaluate import classification_report, stratified_kfold
 from quarkflow_core.ml.models import get_model, list_models
 from quarkflow_core.ml.train import TrainConfig, class_weight_tensor, fit
 from quarkflow_core.ml.transforms import eval_preset
+from quarkflow_core.schema import RunStatus, TrainingRun
+from quarkflow_core.training import train_from_snapshot
 
 pytestmark = pytest.mark.unit
 PRESET = eval_preset("digits28")
@@ -220,15 +222,19 @@ def test_stray_file_in_artifact_is_refused(small, tmp_path):
         load_artifact(tmp_path)
 
 
-@pytest.mark.integration
-def test_train_from_snapshot_records_the_run(db_session, tmp_path):
+@pytest.fixture
+def seeded(db_session, tmp_path):
+    """(storage, seed report) for a small seed set on the parametrized database."""
     from quarkflow_core.demo import seed_demo
-    from quarkflow_core.schema import RunStatus, TrainingRun
     from quarkflow_core.storage import LocalStorage
-    from quarkflow_core.training import train_from_snapshot
 
     storage = LocalStorage(tmp_path / "store")
-    report = seed_demo(session=db_session, storage=storage, limit=300)
+    return storage, seed_demo(session=db_session, storage=storage, limit=300)
+
+
+@pytest.mark.integration
+def test_train_from_snapshot_records_the_run(db_session, seeded, tmp_path):
+    storage, report = seeded
     outcome = train_from_snapshot(
         session=db_session,
         storage=storage,
@@ -246,14 +252,8 @@ def test_train_from_snapshot_records_the_run(db_session, tmp_path):
 
 
 @pytest.mark.integration
-def test_failed_training_is_recorded_as_failed(db_session, tmp_path):
-    from quarkflow_core.demo import seed_demo
-    from quarkflow_core.schema import RunStatus, TrainingRun
-    from quarkflow_core.storage import LocalStorage
-    from quarkflow_core.training import train_from_snapshot
-
-    storage = LocalStorage(tmp_path / "store")
-    report = seed_demo(session=db_session, storage=storage, limit=100)
+def test_failed_training_is_recorded_as_failed(db_session, seeded, tmp_path):
+    storage, report = seeded
     for key in storage.list("images/"):  # the images vanish from storage
         storage.delete(key)
     with pytest.raises(Exception, match="no object"):

@@ -13,7 +13,7 @@ from torch import nn
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.ml import prune
 from quarkflow_core.ml.data import sklearn_digits, stratified_split
-from quarkflow_core.ml.engine import predict_logits, train_one_epoch
+from quarkflow_core.ml.engine import predict_logits, train_epochs
 from quarkflow_core.ml.models import count_parameters, get_model
 from quarkflow_core.ml.transforms import eval_preset
 
@@ -33,19 +33,7 @@ def trained_smallcnn(digits):
     preset, train, _ = digits
     torch.manual_seed(0)
     model = get_model("smallcnn", num_classes=10, in_channels=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        train_one_epoch(
-            model,
-            train,
-            optimizer=opt,
-            criterion=nn.CrossEntropyLoss(),
-            preset=preset,
-            device=torch.device("cpu"),
-            batch_size=64,
-            generator=gen,
-        )
+    train_epochs(model, train, preset, epochs=2, lr=3e-3, batch_size=64, device=torch.device("cpu"))
     return model.eval()
 
 

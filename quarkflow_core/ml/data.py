@@ -15,7 +15,12 @@ import torch
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
-from quarkflow_core.datasets import SnapshotItem, get_snapshot, snapshot_items
+from quarkflow_core.datasets import (
+    SnapshotItem,
+    get_snapshot,
+    snapshot_items,
+    stratified_holdout,
+)
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.ml.transforms import Preprocess
 from quarkflow_core.schema import Split
@@ -110,14 +115,10 @@ def load_snapshot(
 def stratified_split(
     labels: torch.Tensor, *, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(keep_index, split_index): a seeded, per-class split (the validation carve-out)."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(labels))
-    keep, held = train_test_split(
-        idx, test_size=fraction, random_state=seed, stratify=labels.numpy()
-    )
-    return np.sort(keep), np.sort(held)
+    """(keep_index, split_index): the seeded per-class split the seed hold-out uses, here for
+    the validation carve-out."""
+    held = np.array(stratified_holdout(labels.tolist(), fraction=fraction, seed=seed))
+    return np.nonzero(~held)[0], np.nonzero(held)[0]
 
 
 def sklearn_digits(preset: Preprocess) -> ImageSet:

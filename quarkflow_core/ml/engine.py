@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
 
+from quarkflow_core.errors import InvalidInput
 from quarkflow_core.ml.data import ImageSet
 from quarkflow_core.ml.transforms import Augment, Preprocess
 
@@ -100,3 +104,62 @@ def predict_logits(
         with autocast(device, device.type == "cuda"):
             outs.append(model(x).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
+
+
+def train_epochs(
+    model: nn.Module,
+    data: ImageSet,
+    preset: Preprocess,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 128,
+    device: torch.device | None = None,
+    seed: int = 0,
+) -> list[float]:
+    """A plain AdamW + cross-entropy run of ``epochs`` seeded epochs over all of ``data`` (no
+    validation carve-out, no schedule): pruning recovery, benchmarks and test fixtures.
+    Returns the mean training loss per epoch; the model is left in eval mode."""
+    if epochs < 1:
+        raise InvalidInput(f"epochs must be >= 1, got {epochs}")
+    device = device or select_device()
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    losses = [
+        train_one_epoch(
+            model,
+            data,
+            optimizer=optimizer,
+            criterion=criterion,
+            preset=preset,
+            device=device,
+            batch_size=batch_size,
+            generator=generator,
+        )
+        for _ in range(epochs)
+    ]
+    model.eval()
+    return losses
+
+
+def time_calls(fn: Callable[[Any], Any], x: Any, *, repeats: int, warmup: int) -> list[float]:
+    """Wall time of ``fn(x)`` in ms for each of ``repeats`` calls after ``warmup`` untimed ones."""
+    if repeats < 1:
+        raise InvalidInput(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def median_latency_ms(
+    fn: Callable[[Any], Any], x: Any, *, repeats: int = 10, warmup: int = 3
+) -> float:
+    """Median wall time of ``fn(x)`` in ms after ``warmup`` untimed calls (perf_counter)."""
+    return statistics.median(time_calls(fn, x, repeats=repeats, warmup=warmup))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -22,7 +21,7 @@ from torchmetrics.functional.classification import (
 
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.ml.data import ImageSet
-from quarkflow_core.ml.engine import predict_logits
+from quarkflow_core.ml.engine import predict_logits, time_calls
 from quarkflow_core.ml.transforms import Preprocess
 
 ECE_BINS = 15
@@ -109,16 +108,14 @@ def measure_latency(
     device = next(model.parameters()).device
     x = torch.zeros(batch_size, preset.channels, preset.size, preset.size, device=device)
     model.eval()
-    times = []
+
+    def forward(batch: torch.Tensor) -> None:
+        model(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            t0 = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
+        times = sorted(time_calls(forward, x, repeats=repeats, warmup=warmup))
     median = statistics.median(times)
     return {
         "batch_size": batch_size,
@@ -136,10 +133,18 @@ def evaluate_model(
     temperature: float = 1.0,
     latency: bool = True,
 ) -> dict[str, Any]:
-    """Hold-out report for ``model`` (calibrated with ``temperature``) on ``data``."""
-    probs = predict_proba(model, data.images, preset, temperature=temperature)
-    report = classification_report(probs, data.labels, data.classes)
+    """Hold-out report for ``model`` (calibrated with ``temperature``) on ``data``, with the
+    ECE before calibration beside the calibrated one (one inference pass for both)."""
+    logits = predict_logits(model, data.images, preset)
+    report = classification_report(
+        torch.softmax(logits / temperature, 1), data.labels, data.classes
+    )
     report["temperature"] = temperature
+    report["ece_uncalibrated"] = float(
+        multiclass_calibration_error(
+            torch.softmax(logits, 1), data.labels, len(data.classes), n_bins=ECE_BINS, norm="l1"
+        )
+    )
     if latency:
         report["latency"] = {
             "batch1": measure_latency(model, preset, batch_size=1),

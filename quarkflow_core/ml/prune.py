@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +21,12 @@ from torch.nn.modules.conv import _ConvNd
 
 from quarkflow_core.errors import InvalidInput, QuarkflowError
 from quarkflow_core.ml.data import ImageSet
-from quarkflow_core.ml.engine import predict_logits, select_device, train_one_epoch
+from quarkflow_core.ml.engine import (
+    median_latency_ms,
+    predict_logits,
+    select_device,
+    train_epochs,
+)
 from quarkflow_core.ml.transforms import Preprocess
 
 PRUNED_FORMAT = "quarkflow.pruned/1"
@@ -177,24 +180,9 @@ def recover(
     device = device or select_device()
     model.to(device)
     recalibrate_bn(model, data.images, preset, batch_size=batch_size, seed=seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    criterion = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
-    losses = [
-        train_one_epoch(
-            model,
-            data,
-            optimizer=optimizer,
-            criterion=criterion,
-            preset=preset,
-            device=device,
-            batch_size=batch_size,
-            generator=generator,
-        )
-        for _ in range(epochs)
-    ]
-    model.eval()
-    return losses
+    return train_epochs(
+        model, data, preset, epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed
+    )
 
 
 # --------------------------------------------------------------------------- unstructured
@@ -235,22 +223,6 @@ def weight_sparsity(model: nn.Module) -> float:
 
 
 # --------------------------------------------------------------------------- measurement
-
-
-def median_latency_ms(
-    fn: Callable[[Any], Any], x: Any, *, repeats: int = 10, warmup: int = 3
-) -> float:
-    """Median wall time of ``fn(x)`` in ms after ``warmup`` untimed calls (perf_counter)."""
-    if repeats < 1:
-        raise InvalidInput(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
 
 
 def state_dict_bytes(model: nn.Module) -> int:

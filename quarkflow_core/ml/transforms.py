@@ -3,7 +3,6 @@ so that serving preprocesses exactly as evaluation did."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -68,10 +67,6 @@ class Preprocess:
     def __call__(self, img: PILImage.Image) -> torch.Tensor:
         arr = torch.from_numpy(self.to_array(img)).unsqueeze(0)
         return self.normalize(arr)[0]
-
-    def from_bytes(self, data: bytes) -> torch.Tensor:
-        with PILImage.open(io.BytesIO(data)) as img:
-            return self(img)
 
 
 PRESETS: dict[str, Preprocess] = {
