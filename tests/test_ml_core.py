@@ -162,16 +162,24 @@ def test_review_threshold_for_target_accuracy():
     assert t["threshold"] == pytest.approx(0.7) and t["coverage"] == 0.75
 
 
-def test_artifact_round_trip_and_tamper_detection(small, tmp_path):
-    res = fit(small, TrainConfig(**QUICK))
-    out = tmp_path / "art"
-    sha = save_artifact(
+def _save_smallcnn(res, out, **extra):
+    return save_artifact(
         out,
         model=res.model,
         architecture="smallcnn",
-        classes=small.classes,
+        classes=res.classes,
         in_channels=1,
         preset=res.preset,
+        **extra,
+    )
+
+
+def test_artifact_round_trip_and_tamper_detection(small, tmp_path):
+    res = fit(small, TrainConfig(**QUICK))
+    out = tmp_path / "art"
+    sha = _save_smallcnn(
+        res,
+        out,
         temperature=1.5,
         metrics={"holdout": {"accuracy": 0.5}},
         training=res.summary(),
@@ -189,14 +197,7 @@ def test_artifact_round_trip_and_tamper_detection(small, tmp_path):
     )
 
     with pytest.raises(InvalidInput, match="not empty"):
-        save_artifact(
-            out,
-            model=res.model,
-            architecture="smallcnn",
-            classes=small.classes,
-            in_channels=1,
-            preset=res.preset,
-        )
+        _save_smallcnn(res, out)
     with pytest.raises(ArtifactIntegrityError, match="registered"):
         load_artifact(out, expected_sha256="0" * 64)
     weights = out / "weights.pt"
@@ -209,14 +210,7 @@ def test_artifact_round_trip_and_tamper_detection(small, tmp_path):
 
 def test_stray_file_in_artifact_is_refused(small, tmp_path):
     res = fit(small, TrainConfig(**{**QUICK, "epochs": 1}))
-    save_artifact(
-        tmp_path,
-        model=res.model,
-        architecture="smallcnn",
-        classes=small.classes,
-        in_channels=1,
-        preset=res.preset,
-    )
+    _save_smallcnn(res, tmp_path)
     (tmp_path / "evil.pt").write_bytes(b"x")
     with pytest.raises(ArtifactIntegrityError, match="not in the manifest"):
         load_artifact(tmp_path)
