@@ -40,6 +40,8 @@ def prune_artifact(
         weight_sparsity,
     )
 
+    if method not in ("structured", "unstructured"):
+        raise InvalidInput(f"unknown pruning method {method!r}; valid: structured, unstructured")
     preset = loaded.preset
     keep, held = stratified_split(train.labels, fraction=0.1, seed=seed)
     fit_part, val = train.subset(keep), train.subset(held)
@@ -51,12 +53,10 @@ def prune_artifact(
         model.cpu().eval()
         after = measure(model, preset, images_uint8=holdout.images, labels=holdout.labels)
         report = structured_report(ratio, before, after)
-    elif method == "unstructured":
+    else:
         model = prune_unstructured(copy.deepcopy(loaded.model), amount=ratio).eval()
         after = measure(model, preset, images_uint8=holdout.images, labels=holdout.labels)
         report = unstructured_report(ratio, before, after, weight_sparsity(model))
-    else:
-        raise InvalidInput(f"unknown pruning method {method!r}; valid: structured, unstructured")
     temperature = fit_temperature(predict_logits(model, val.images, preset), val.labels)
     holdout_report = classification_report(
         torch.softmax(predict_logits(model, holdout.images, preset) / temperature, 1),
