@@ -28,9 +28,10 @@ demo: install  ## embedded default: SQLite + ./.quarkflow folder
 	$(BIN)/quarkflow seed-demo
 	@if [ -f $(DEMO_MODEL)/manifest.json ]; then echo "demo model already trained: $(DEMO_MODEL)"; \
 	else $(BIN)/quarkflow train --out $(DEMO_MODEL) && $(BIN)/quarkflow export $(DEMO_MODEL) --format onnx; fi
+	$(BIN)/quarkflow demo-bootstrap $(DEMO_MODEL)
 	@echo
-	@echo "Demo data and a trained, calibrated, ONNX-exported model are in .quarkflow/."
-	@echo "Serving (API + Gradio) and the Streamlit workbench land with their issues."
+	@echo "Demo data and a trained, calibrated, ONNX-exported champion model are in .quarkflow/."
+	@echo "See it with: $(BIN)/quarkflow models list && $(BIN)/quarkflow models history"
 
 test: install  ## starts Postgres + fake-gcs-server if needed, runs everything, stops them
 	scripts/test.sh $(PYTEST_ARGS)

@@ -49,6 +49,17 @@ class Settings(BaseSettings):
         SecretStr(DEV_SECRET), description="Key for hashing API tokens (HMAC pepper)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    user: str | None = Field(None, description="Who the CLI acts as (or pass --user).")
+
+    policy_noninferiority_margin: float = Field(
+        0.005, ge=0.0, le=1.0, description="Promotion: allowed accuracy loss (CI lower bound)."
+    )
+    policy_max_class_recall_drop: float = Field(
+        0.03, ge=0.0, le=1.0, description="Promotion: largest allowed drop in any class recall."
+    )
+    policy_max_ece_increase: float = Field(
+        0.02, ge=0.0, le=1.0, description="Promotion: largest allowed calibration (ECE) increase."
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -137,3 +137,41 @@ def seed_demo(
         snapshot_created=snap_created,
         class_counts=snap.class_counts,
     )
+
+
+DEMO_LEAD = "demo-lead"
+DEMO_LEAD_PASSWORD = "quarkflow-demo"  # noqa: S105 - the embedded, localhost-only demo
+BOOTSTRAP_REASON = "bootstrap: first trained demo model on a fresh install"
+
+
+def bootstrap_champion(
+    *, session: Session, storage: Storage, artifact_dir, cache_root
+) -> tuple[int, bool]:
+    """Register the demo artifact and, when there is no champion yet, approve it through the
+    normal approval path as a demo ml_lead user (created here). Returns (version, promoted)."""
+    from quarkflow_core import registry
+    from quarkflow_core.schema import Role
+    from quarkflow_core.users import ensure_user
+
+    lead = ensure_user(
+        session=session,
+        username=DEMO_LEAD,
+        role=Role.ML_LEAD,
+        password=DEMO_LEAD_PASSWORD,
+        display_name="Demo ML lead",
+    )
+    session.commit()
+    row = registry.register_version(
+        session=session, storage=storage, artifact_dir=artifact_dir, created_by=DEMO_LEAD
+    )
+    if registry.alias_of(session=session, alias=registry.CHAMPION) is not None:
+        return row.version, False
+    registry.approve(
+        session=session,
+        storage=storage,
+        version=row,
+        user=lead,
+        reason=BOOTSTRAP_REASON,
+        cache_root=cache_root,
+    )
+    return row.version, True

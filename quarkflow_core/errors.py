@@ -51,3 +51,9 @@ class PermissionDenied(QuarkflowError):
 
 class AuthenticationFailed(QuarkflowError):
     code = "authentication_failed"
+
+
+class Conflict(QuarkflowError):
+    """The state changed underneath the caller (e.g. the champion moved meanwhile)."""
+
+    code = "conflict"

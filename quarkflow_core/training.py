@@ -37,6 +37,23 @@ def default_snapshot_id(*, session: Session) -> int:
     return snap_id
 
 
+def load_holdout(*, session: Session, storage: Storage, snapshot_id: int | None, preset: Any):
+    """(snapshot id, hold-out ImageSet) of ``snapshot_id`` (default: the newest snapshot)."""
+    from quarkflow_core.ml.data import load_snapshot
+
+    snap_id = snapshot_id or default_snapshot_id(session=session)
+    data = load_snapshot(
+        session=session,
+        storage=storage,
+        snapshot_id=snap_id,
+        preset=preset,
+        splits=(Split.HOLDOUT,),
+    )
+    if Split.HOLDOUT not in data:
+        raise NotFound(f"snapshot {snap_id} has no hold-out split")
+    return snap_id, data[Split.HOLDOUT]
+
+
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The few numbers people scan first."""
     hold = metrics.get("holdout", {})

@@ -52,7 +52,7 @@ def _cli(env, *args):
 
 @pytest.mark.slow
 def test_cli_full_demo_pipeline(tmp_path):
-    """`make demo` step by step: seed twice (idempotent), train, export, evaluate."""
+    """`make demo` step by step: seed twice (idempotent), train, export, evaluate, bootstrap."""
     env = {
         "PATH": "/usr/bin:/bin",
         "HOME": str(tmp_path),
@@ -81,6 +81,18 @@ def test_cli_full_demo_pipeline(tmp_path):
     assert "parity ok" in exported.stdout
     assert (art / "model.onnx.data").stat().st_size > 0
     assert _cli(env, "evaluate", str(art)).returncode == 0
+
+    # bootstrap: the first version becomes champion through the approval path, once
+    boot = _cli(env, "demo-bootstrap", str(art))
+    assert boot.returncode == 0, boot.stderr[-2000:]
+    assert "v1 approved as champion by demo-lead" in " ".join(boot.stdout.split())
+    assert "already exists" in _cli(env, "demo-bootstrap", str(art)).stdout
+    history = _cli(env, "models", "history")
+    assert history.returncode == 0 and "demo-lead" in history.stdout and "approve" in history.stdout
+    assert "champion" in _cli(env, "models", "list").stdout
+    assert _cli(env, "users", "create", "ann", "--role", "analyst", "--no-password").returncode == 0
+    refused = _cli(env, "models", "rollback", "--reason", "try", "--user", "ann")
+    assert refused.returncode == 2 and "needs role ml_lead; ann is analyst" in refused.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path):
