@@ -755,6 +755,33 @@ def demo_bootstrap(
         console.print(f"demo model is v{version}; a champion already exists, left as it is")
 
 
+# --------------------------------------------------------------------------- serving
+
+
+@app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Bind address (0.0.0.0 for a server)."),
+    port: int = typer.Option(8000),
+    workers: int = typer.Option(1, help="Uvicorn worker processes."),
+) -> None:
+    """Run the REST API (+ OpenAPI at /docs), the Gradio demo at /demo, /metrics, /readyz."""
+    import uvicorn
+
+    from quarkflow_core.database import check_database, get_engine
+
+    settings = _settings()
+    check_database(get_engine(settings.database_url))
+    console.print(
+        f"Quarkflow API on http://{host}:{port}  (docs /docs, demo /demo, metrics /metrics)"
+    )
+    if workers > 1:
+        uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="warning")
+    else:
+        from app.api import create_app
+
+        uvicorn.run(create_app(settings, host=host), host=host, port=port, log_level="warning")
+
+
 # --------------------------------------------------------------------------- doctor
 
 

@@ -51,6 +51,22 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level.")
     user: str | None = Field(None, description="Who the CLI acts as (or pass --user).")
 
+    serving_backend: str = Field(
+        "auto", description="auto (ONNX when exported, else eager) | eager | onnxruntime"
+    )
+    serving_max_batch: int = Field(32, ge=1, le=1024, description="Micro-batch size limit.")
+    serving_max_wait_ms: float = Field(
+        1.0, ge=0.0, le=1000.0, description="Longest wait for a micro-batch to fill."
+    )
+    model_poll_s: float = Field(2.0, gt=0.0, description="How often serving checks the champion.")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted image.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted width x height.")
+    max_batch_files: int = Field(32, ge=1, description="Images per batch request.")
+    anonymous_demo: bool | None = Field(
+        None,
+        description="Allow unauthenticated predictions and feedback; unset = only when the "
+        "server is bound to localhost.",
+    )
     policy_noninferiority_margin: float = Field(
         0.005, ge=0.0, le=1.0, description="Promotion: allowed accuracy loss (CI lower bound)."
     )
@@ -96,6 +112,13 @@ class Settings(BaseSettings):
         value = value.upper()
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"{value!r} is not a logging level")
+        return value
+
+    @field_validator("serving_backend")
+    @classmethod
+    def _check_backend(cls, value: str) -> str:
+        if value not in {"auto", "eager", "onnxruntime"}:
+            raise ValueError(f"{value!r}: use auto, eager or onnxruntime")
         return value
 
     @property

@@ -151,3 +151,73 @@ def ingest_image(
     session.add(row)
     session.flush()
     return row, True
+
+
+# --------------------------------------------------------------------------- uploads
+
+_DECLARED = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/jpg": "JPEG",
+    "image/pjpeg": "JPEG",
+    "image/gif": "GIF",
+    "image/bmp": "BMP",
+    "image/x-ms-bmp": "BMP",
+    "image/tiff": "TIFF",
+    "image/webp": "WEBP",
+}
+_GENERIC = {"", "application/octet-stream", "binary/octet-stream"}
+_MARKUP = (b"<script", b"<html", b"<?php", b"<svg", b"<!doctype", b"<body", b"<iframe", b"<?xml")
+
+
+def _image_end(data: bytes, fmt: str) -> int | None:
+    """Where the image stream ends for formats with an explicit end marker (None: unknown)."""
+    if fmt == "PNG":
+        pos = data.rfind(b"IEND")
+        return None if pos < 0 else pos + 8  # chunk type + CRC
+    if fmt == "JPEG":
+        pos = data.rfind(b"\xff\xd9")
+        return None if pos < 0 else pos + 2
+    if fmt == "GIF":
+        pos = data.rfind(b";")
+        return None if pos < 0 else pos + 1
+    return None
+
+
+def validate_upload(
+    data: bytes,
+    *,
+    content_type: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ImageInfo:
+    """``probe_image`` plus the checks an upload needs: the declared content type must match
+    the bytes, and nothing may hide after the image (polyglots: an image that is also HTML,
+    a script or an archive)."""
+    declared = (content_type or "").split(";")[0].strip().lower()
+    if declared and declared not in _GENERIC and not declared.startswith("image/"):
+        raise InvalidInput(
+            f"the upload is declared as {declared!r}, not as an image",
+            code="unsupported_media_type",
+        )
+    info = probe_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    if declared in _DECLARED and _DECLARED[declared] != info.format:
+        raise InvalidInput(
+            f"the upload is declared as {declared} but its bytes are {info.format}",
+            code="content_type_mismatch",
+        )
+    end = _image_end(data, info.format)
+    tail = data[end:] if end is not None else b""
+    if tail.strip(b"\x00\r\n\t ") and len(tail) > 16:
+        raise InvalidInput(
+            f"{len(tail):,} bytes of other content follow the {info.format} image "
+            "(a polyglot file); upload the plain image",
+            code="polyglot",
+        )
+    edges = (data[:4096] + b"\n" + data[-4096:]).lower()
+    if any(marker in edges for marker in _MARKUP):
+        raise InvalidInput(
+            "the file carries markup or script next to the image data (a polyglot file)",
+            code="polyglot",
+        )
+    return info

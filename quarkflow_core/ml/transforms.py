@@ -14,6 +14,37 @@ from PIL import ImageOps
 from quarkflow_core.errors import InvalidInput
 
 
+def canonical_image(img: PILImage.Image) -> PILImage.Image:
+    """Any decoded image -> an upright 8-bit "L" or "RGB" image, the same way for training,
+    evaluation and serving: first frame of animations, EXIF orientation applied, 16/32-bit
+    greyscale rescaled (not clipped), transparency composited onto white, CMYK/YCbCr/LAB/HSV
+    converted to RGB, palettes expanded."""
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if mode == "F":
+            top = max(float(np.abs(arr).max()), 1.0)
+        arr = np.clip(arr / top * 255.0, 0, 255)
+        return PILImage.fromarray(arr.astype(np.uint8), "L")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = PILImage.alpha_composite(background, rgba).convert("RGB")
+        return img.convert("L") if mode in ("LA", "La") else img
+    if mode in ("L", "RGB"):
+        return img
+    if mode == "1":
+        return img.convert("L")
+    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX ...
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Image -> float tensor (C, H, W): mode, square resize, scale to [0,1], normalize."""
@@ -38,7 +69,7 @@ class Preprocess:
 
     def to_array(self, img: PILImage.Image) -> np.ndarray:
         """uint8 array (H, W, C) at the preset size (before normalisation)."""
-        img = ImageOps.exif_transpose(img)
+        img = canonical_image(img)
         img = img.convert("L" if self.channels == 1 else "RGB")
         if img.size != (self.size, self.size):
             resample = {

@@ -1,0 +1,534 @@
+"""The one ASGI app: REST API (OpenAPI at /docs), Gradio demo at /demo, health and metrics.
+
+Thin: every route authenticates, calls ``quarkflow_core`` and shapes JSON. Errors are
+``{"error": <code>, "detail": <sentence>}`` with a 4xx/5xx status."""
+
+
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from quarkflow_core import __version__
+from quarkflow_core.config import Settings, get_settings
+from quarkflow_core.errors import AuthenticationFailed, PermissionDenied, QuarkflowError
+from quarkflow_core.schema import Role, User
+from quarkflow_core.service import ANONYMOUS, PredictionService, Principal
+
+log = logging.getLogger("quarkflow.api")
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+STATUS = {
+    "empty_file": 422,
+    "corrupt_image": 422,
+    "not_an_image": 415,
+    "unsupported_format": 415,
+    "unsupported_media_type": 415,
+    "content_type_mismatch": 415,
+    "polyglot": 415,
+    "too_large": 413,
+    "too_many_pixels": 413,
+    "too_many_files": 413,
+    "no_file": 422,
+    "unknown_label": 422,
+    "invalid_input": 422,
+    "policy_failed": 409,
+    "not_found": 404,
+    "permission_denied": 403,
+    "authentication_failed": 401,
+    "conflict": 409,
+    "already_exists": 409,
+    "artifact_integrity": 409,
+    "no_model": 503,
+    "database_unavailable": 503,
+    "storage_error": 503,
+}
+
+
+def error_response(status: int, code: str, detail: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class TopK(BaseModel):
+    label: str
+    confidence: float
+
+
+class PredictionOut(BaseModel):
+    id: str = Field(description="Prediction id (use it for feedback).")
+    label: str
+    confidence: float = Field(description="Calibrated probability of the label.")
+    topk: list[TopK]
+    model_version: int | None
+    latency_ms: float = Field(description="Server-side time for this image.")
+    review: bool = Field(description="True when it went to the review queue.")
+    image_sha256: str
+
+
+class BatchOut(BaseModel):
+    predictions: list[PredictionOut]
+
+
+class FeedbackIn(BaseModel):
+    verdict: str = Field(description="correct | wrong", examples=["wrong"])
+    true_label: str | None = Field(None, max_length=128, examples=["7"])
+    comment: str | None = Field(None, max_length=2000)
+
+
+class FeedbackOut(BaseModel):
+    id: str
+    prediction_id: str
+    verdict: str
+    true_label: str | None
+    durable: bool
+
+
+class DecisionIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=4000)
+    override: bool = False
+
+
+class RollbackIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=4000)
+    to: str | None = Field(None, description="Version (3, v3); default: previous champion.")
+
+
+class UserIn(BaseModel):
+    username: str = Field(min_length=2, max_length=64)
+    role: str
+    password: str | None = Field(None, min_length=8, max_length=256)
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422, 503)
+}
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class EdgeMiddleware:
+    """Pure ASGI: caps request bodies under /api (413 before the body is buffered) and
+    records Prometheus request counts and latency by route template."""
+
+    def __init__(self, app: Any, *, service: PredictionService, body_limit: int) -> None:
+        self.app = app
+        self.service = service
+        self.body_limit = body_limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500, "sent": False}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["sent"] = True
+            await send(message)
+
+        path = scope.get("path", "")
+        limited = path.startswith("/api/")
+        receive_fn = receive
+        if limited:
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.body_limit:
+                await self._reject(send_wrapper)
+                self._observe(scope, path, status["code"], started)
+                return
+            seen = {"n": 0}
+
+            async def receive_fn() -> dict:
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen["n"] += len(message.get("body", b""))
+                    if seen["n"] > self.body_limit:
+                        raise _TooLarge
+                return message
+
+        try:
+            await self.app(scope, receive_fn, send_wrapper)
+        except _TooLarge:
+            if not status["sent"]:
+                await self._reject(send_wrapper)
+        finally:
+            self._observe(scope, path, status["code"], started)
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps(
+            {
+                "error": "too_large",
+                "detail": f"the request body exceeds {self.body_limit:,} bytes",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _observe(self, scope: dict, path: str, code: int, started: float) -> None:
+        route = scope.get("route")
+        name = getattr(route, "path", None)
+        if name is None:
+            name = "/demo" if path.startswith("/demo") else "unmatched"
+        m = self.service.metrics
+        m.requests.labels(name, scope.get("method", "?"), str(code)).inc()
+        m.latency.labels(name).observe(time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    host: str | None = None,
+    service: PredictionService | None = None,
+    with_demo: bool = True,
+    watch: bool = True,
+) -> FastAPI:
+    settings = settings or get_settings()
+    service = service or PredictionService(settings)
+    anonymous = (
+        settings.anonymous_demo if settings.anonymous_demo is not None else host in LOCAL_HOSTS
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        service.start(watch=watch)
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(
+        title="Quarkflow API",
+        version=__version__,
+        description="Predictions with durable logging and feedback, the review queue, and the "
+        "model registry (promotion needs role ml_lead). Authenticate with "
+        "`Authorization: Bearer <token>` (`quarkflow tokens create`).",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.anonymous = anonymous
+    body_limit = settings.max_upload_bytes * settings.max_batch_files + 64 * 1024
+    app.add_middleware(EdgeMiddleware, service=service, body_limit=body_limit)
+
+    @app.exception_handler(QuarkflowError)
+    async def _core_error(_request: Request, exc: QuarkflowError) -> JSONResponse:
+        return error_response(STATUS.get(exc.code, 400), exc.code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", f"unexpected {type(exc).__name__}")
+
+    def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthenticationFailed("use the header 'Authorization: Bearer <token>'")
+            return service.authenticate(token.strip())
+        if anonymous:
+            return ANONYMOUS
+        raise AuthenticationFailed(
+            "authentication required: send 'Authorization: Bearer <token>' "
+            "(create one with `quarkflow tokens create --user NAME`)"
+        )
+
+    Who = Annotated[Principal, Depends(principal)]
+
+    def need(who: Principal, *roles: Role, action: str) -> None:
+        if not who.has(*roles):
+            allowed = " or ".join(sorted(r.value for r in roles))
+            raise PermissionDenied(f"{action} needs role {allowed}; {who.username} is {who.role}")
+
+    def db_user(session: Any, who: Principal) -> User:
+        if who.user_id is None:
+            raise PermissionDenied("sign in: this action is not open to anonymous users")
+        user = session.get(User, who.user_id)
+        if user is None:
+            raise AuthenticationFailed("the token's user no longer exists")
+        return user
+
+    def read_upload(upload: UploadFile) -> tuple[bytes, str | None]:
+        data = upload.file.read(settings.max_upload_bytes + 1)
+        return data, upload.content_type
+
+    # ------------------------------------------------------------------ health + metrics
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """The process is up (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz() -> JSONResponse:
+        """Ready to serve: model loaded, database and storage reachable (503 otherwise)."""
+        report = service.readiness()
+        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------------ predictions
+
+    @app.post(
+        "/api/v1/predictions", response_model=PredictionOut, tags=["predictions"], responses=ERRORS
+    )
+    def predict(who: Who, request: Request, file: UploadFile = File(...)) -> dict:
+        """Predict one image (multipart field `file`). Logged durably before the answer."""
+        rid = request.headers.get("x-request-id")
+        return service.predict([read_upload(file)], principal=who, request_id=rid)[0]
+
+    @app.post(
+        "/api/v1/predictions/batch", response_model=BatchOut, tags=["predictions"], responses=ERRORS
+    )
+    def predict_batch(who: Who, request: Request, files: list[UploadFile] = File(...)) -> dict:
+        """Predict several images (repeat the multipart field `files`). All or nothing."""
+        rid = request.headers.get("x-request-id")
+        uploads = [read_upload(f) for f in files]
+        return {"predictions": service.predict(uploads, principal=who, request_id=rid)}
+
+    @app.get("/api/v1/predictions/{prediction_id}", tags=["predictions"], responses=ERRORS)
+    def get_prediction(prediction_id: str, who: Who) -> dict:
+        """A prediction with its feedback and review state (`logged: false` while it is
+        still in the outbox)."""
+        return service.get_prediction(prediction_id)
+
+    @app.post(
+        "/api/v1/predictions/{prediction_id}/feedback",
+        response_model=FeedbackOut,
+        status_code=201,
+        tags=["predictions"],
+        responses=ERRORS,
+    )
+    def feedback(prediction_id: str, body: FeedbackIn, who: Who) -> dict:
+        """Say the prediction was correct, or wrong (optionally with the true label).
+        Acknowledged only once durable."""
+        return service.feedback(
+            prediction_id,
+            verdict=body.verdict,
+            true_label=body.true_label,
+            comment=body.comment,
+            principal=who,
+        )
+
+    @app.get("/api/v1/review-queue", tags=["review"], responses=ERRORS)
+    def review_queue(
+        who: Who,
+        limit: int = Query(50, ge=1, le=500),
+        offset: int = Query(0, ge=0, le=10_000_000),
+    ) -> dict:
+        """Open, sent and disputed review items, most uncertain or disputed first."""
+        from quarkflow_core.predictions import review_queue as queue
+
+        need(who, Role.ANALYST, Role.ML_LEAD, action="reading the review queue")
+        with service.session() as s:
+            total, items = queue(session=s, limit=limit, offset=offset)
+        return {"total": total, "items": items}
+
+    # ------------------------------------------------------------------ registry
+
+    def version_dict(s: Any, row: Any, tags: dict[int, list[str]]) -> dict:
+        from quarkflow_core.registry import summary
+
+        return {**summary(row, session=s), "aliases": tags.get(row.id, [])}
+
+    def alias_tags(s: Any) -> dict[int, list[str]]:
+        from quarkflow_core.registry import aliases
+
+        tags: dict[int, list[str]] = {}
+        for alias, row in aliases(session=s).items():
+            tags.setdefault(row.id, []).append(alias)
+        return tags
+
+    @app.get("/api/v1/models", tags=["models"], responses=ERRORS)
+    def list_models(who: Who) -> dict:
+        """Every registered version with its aliases and headline metrics."""
+        from quarkflow_core.registry import list_versions
+
+        with service.session() as s:
+            tags = alias_tags(s)
+            return {"versions": [version_dict(s, r, tags) for r in list_versions(session=s)]}
+
+    @app.get("/api/v1/models/aliases", tags=["models"], responses=ERRORS)
+    def get_aliases(who: Who) -> dict:
+        """champion / challenger -> version, and what this server is serving right now."""
+        from quarkflow_core.registry import aliases
+
+        with service.session() as s:
+            named = {a: r.version for a, r in aliases(session=s).items()}
+        current = service.holder.current
+        return {"aliases": named, "serving": current.describe() if current else None}
+
+    @app.get("/api/v1/models/history", tags=["models"], responses=ERRORS)
+    def model_history(who: Who) -> dict:
+        """Every promotion event: who, when, from, to, why, evidence hash."""
+        from quarkflow_core.registry import event_dict, history
+
+        with service.session() as s:
+            return {"events": [event_dict(session=s, event=e) for e in history(session=s)]}
+
+    @app.get("/api/v1/models/{ref}", tags=["models"], responses=ERRORS)
+    def get_model(ref: str, who: Who) -> dict:
+        """One version (3, v3, champion, challenger) with its lineage."""
+        from quarkflow_core.registry import get_version, lineage
+
+        with service.session() as s:
+            row = get_version(session=s, ref=ref)
+            return {**version_dict(s, row, alias_tags(s)), "lineage": lineage(session=s, row=row)}
+
+    @app.get("/api/v1/models/{ref}/proposal", tags=["models"], responses=ERRORS)
+    def proposal(ref: str, who: Who) -> dict:
+        """The policy's verdict on making this version champion, with the evidence."""
+        from quarkflow_core.registry import PolicyConfig, propose
+
+        need(who, Role.ANALYST, Role.ML_LEAD, action="reading promotion evidence")
+        with service.session() as s:
+            p = propose(
+                session=s,
+                storage=service.storage,
+                ref=ref,
+                cache_root=service.cache_root,
+                config=PolicyConfig.from_settings(settings),
+            )
+            return {"evidence_sha256": p.evidence_sha256, **p.evidence}
+
+    def decided(s: Any, event: Any) -> dict:
+        from quarkflow_core.registry import event_dict
+
+        return event_dict(session=s, event=event)
+
+    @app.post("/api/v1/models/{ref}/approve", tags=["models"], responses=ERRORS)
+    def approve(ref: str, body: DecisionIn, who: Who) -> dict:
+        """Make this version champion (role ml_lead). Serving switches within seconds."""
+        from quarkflow_core.registry import PolicyConfig
+        from quarkflow_core.registry import approve as do_approve
+
+        with service.session() as s:
+            event = do_approve(
+                session=s,
+                storage=service.storage,
+                version=ref,
+                user=db_user(s, who),
+                reason=body.reason,
+                cache_root=service.cache_root,
+                override=body.override,
+                config=PolicyConfig.from_settings(settings),
+            )
+            return decided(s, event)
+
+    @app.post("/api/v1/models/{ref}/reject", tags=["models"], responses=ERRORS)
+    def reject(ref: str, body: DecisionIn, who: Who) -> dict:
+        """Decline a candidate (role ml_lead)."""
+        from quarkflow_core.registry import reject as do_reject
+
+        with service.session() as s:
+            event = do_reject(session=s, version=ref, user=db_user(s, who), reason=body.reason)
+            return decided(s, event)
+
+    @app.post("/api/v1/models/rollback", tags=["models"], responses=ERRORS)
+    def rollback(body: RollbackIn, who: Who) -> dict:
+        """Move the champion back (role ml_lead)."""
+        from quarkflow_core.registry import rollback as do_rollback
+
+        with service.session() as s:
+            event = do_rollback(
+                session=s,
+                storage=service.storage,
+                user=db_user(s, who),
+                reason=body.reason,
+                to=body.to,
+            )
+            return decided(s, event)
+
+    # ------------------------------------------------------------------ users
+
+    @app.post("/api/v1/users", status_code=201, tags=["users"], responses=ERRORS)
+    def create_user(body: UserIn, who: Who) -> dict:
+        """Create a user (role admin)."""
+        from quarkflow_core.users import create_user as do_create
+        from quarkflow_core.users import record_audit, require_role
+
+        with service.session() as s:
+            actor = db_user(s, who)
+            require_role(session=s, user=actor, allowed={Role.ADMIN}, action="users.create")
+            user = do_create(
+                session=s, username=body.username, role=body.role, password=body.password
+            )
+            record_audit(
+                session=s,
+                actor=actor,
+                action="users.create",
+                outcome="ok",
+                target_type="user",
+                target_id=user.username,
+                detail={"role": user.role.value},
+            )
+            s.commit()
+            return {"username": user.username, "role": user.role.value}
+
+    @app.get("/api/v1/whoami", tags=["users"], responses=ERRORS)
+    def whoami(who: Who) -> dict:
+        return {"username": who.username, "role": who.role.value, "anonymous": who.user_id is None}
+
+    if with_demo:
+        import gradio as gr
+
+        from app.demo import build_demo, gradio_auth
+
+        demo = build_demo(service, anonymous=anonymous)
+        app = gr.mount_gradio_app(
+            app,
+            demo,
+            path="/demo",
+            auth=None if anonymous else gradio_auth(service),
+            auth_message="Sign in with your Quarkflow user name and password.",
+            max_file_size=settings.max_upload_bytes,
+            footer_links=["api"],
+        )
+    return app

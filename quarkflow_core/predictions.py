@@ -1,0 +1,237 @@
+"""Predictions, feedback and the review queue in the database.
+
+The service writes records to the outbox first; ``apply_records`` turns them into rows
+(idempotently: a replayed record changes nothing). Readers (API, workbench) use the query
+functions here."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from quarkflow_core.errors import InvalidInput, NotFound
+from quarkflow_core.images import ImageInfo, get_image_by_sha, image_row, store_blob
+from quarkflow_core.outbox import Record
+from quarkflow_core.schema import (
+    Feedback,
+    Image,
+    ModelVersion,
+    Prediction,
+    ReviewItem,
+    ReviewReason,
+    ReviewState,
+    Verdict,
+)
+from quarkflow_core.storage import Storage
+
+PREDICTION, FEEDBACK = "prediction", "feedback"
+OPEN_STATES = (ReviewState.OPEN, ReviewState.DISPUTED, ReviewState.SENT)
+
+
+def review_priority(*, margin: float, entropy: float, disputed: bool = False) -> float:
+    """Higher = reviewed sooner. Uncertainty in [0, 1] (small top-2 margin, high entropy);
+    anything a person called wrong comes before anything merely uncertain."""
+    uncertainty = 0.5 * (1.0 - margin) + 0.5 * entropy
+    return round((1.0 if disputed else 0.0) + uncertainty, 6)
+
+
+def parse_verdict(value: str) -> Verdict:
+    try:
+        return Verdict(value)
+    except ValueError:
+        valid = ", ".join(v.value for v in Verdict)
+        raise InvalidInput(f"unknown verdict {value!r}; valid: {valid}") from None
+
+
+def upsert_review(
+    session: Session,
+    *,
+    image_id: int,
+    prediction_id: str | None,
+    reason: ReviewReason,
+    priority: float,
+) -> ReviewItem:
+    """One review item per image: a new reason raises its priority and re-opens it."""
+    item = session.scalar(select(ReviewItem).where(ReviewItem.image_id == image_id))
+    if item is None:
+        item = ReviewItem(
+            image_id=image_id,
+            prediction_id=prediction_id,
+            reason=reason,
+            state=ReviewState.OPEN,
+            priority=priority,
+        )
+        session.add(item)
+        session.flush()
+        return item
+    if priority > item.priority:
+        item.priority = priority
+    if reason == ReviewReason.USER_DISPUTED:
+        item.reason = reason
+        item.prediction_id = prediction_id or item.prediction_id
+        if item.state in (ReviewState.RESOLVED, ReviewState.DISMISSED):
+            item.state = ReviewState.OPEN
+    session.flush()
+    return item
+
+
+def _apply_prediction(session: Session, storage: Storage, record: Record) -> None:
+    p = record.payload
+    if session.get(Prediction, p["id"]) is not None:
+        return
+    info = ImageInfo(**p["image"])
+    image = get_image_by_sha(session=session, sha256=info.sha256)
+    if image is None:
+        store_blob(storage, record.blob or b"", info)
+        image = image_row(info, source=p.get("source", "api"))
+        session.add(image)
+        session.flush()
+    version_id = None
+    if p.get("model_version") is not None:
+        version_id = session.scalar(
+            select(ModelVersion.id).where(ModelVersion.version == p["model_version"])
+        )
+    session.add(
+        Prediction(
+            id=p["id"],
+            image_id=image.id,
+            model_version_id=version_id,
+            label=p["label"],
+            confidence=p["confidence"],
+            topk=p["topk"],
+            latency_ms=p["latency_ms"],
+            request_id=p.get("request_id"),
+            user_id=p.get("user_id"),
+            created_at=datetime.fromisoformat(p["created_at"]),
+        )
+    )
+    session.flush()
+    if p.get("review"):
+        upsert_review(
+            session,
+            image_id=image.id,
+            prediction_id=p["id"],
+            reason=ReviewReason.LOW_CONFIDENCE,
+            priority=review_priority(margin=p["margin"], entropy=p["entropy"]),
+        )
+
+
+def _apply_feedback(session: Session, record: Record) -> None:
+    f = record.payload
+    if session.get(Feedback, f["id"]) is not None:
+        return
+    pred = session.get(Prediction, f["prediction_id"])
+    if pred is None:
+        raise NotFound(f"feedback {f['id']} refers to unknown prediction {f['prediction_id']}")
+    verdict = Verdict(f["verdict"])
+    session.add(
+        Feedback(
+            id=f["id"],
+            prediction_id=pred.id,
+            user_id=f.get("user_id"),
+            verdict=verdict,
+            true_label=f.get("true_label"),
+            comment=f.get("comment"),
+            created_at=datetime.fromisoformat(f["created_at"]),
+        )
+    )
+    session.flush()
+    if verdict == Verdict.WRONG:
+        top = pred.topk[1]["confidence"] if len(pred.topk) > 1 else 0.0
+        upsert_review(
+            session,
+            image_id=pred.image_id,
+            prediction_id=pred.id,
+            reason=ReviewReason.USER_DISPUTED,
+            priority=review_priority(margin=pred.confidence - top, entropy=0.0, disputed=True),
+        )
+
+
+def apply_records(session: Session, storage: Storage, records: list[Record]) -> None:
+    """Write outbox records (blobs first, then rows) in the caller's transaction."""
+    for record in records:
+        if record.kind == PREDICTION:
+            _apply_prediction(session, storage, record)
+        elif record.kind == FEEDBACK:
+            _apply_feedback(session, record)
+        else:
+            raise InvalidInput(f"unknown outbox record kind {record.kind!r}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def prediction_dict(session: Session, pred: Prediction) -> dict[str, Any]:
+    version = session.get(ModelVersion, pred.model_version_id) if pred.model_version_id else None
+    feedback = session.scalars(
+        select(Feedback).where(Feedback.prediction_id == pred.id).order_by(Feedback.created_at)
+    ).all()
+    review = session.scalar(select(ReviewItem).where(ReviewItem.image_id == pred.image_id))
+    return {
+        "id": pred.id,
+        "label": pred.label,
+        "confidence": pred.confidence,
+        "topk": pred.topk,
+        "model_version": version.version if version else None,
+        "latency_ms": pred.latency_ms,
+        "created_at": pred.created_at.isoformat(),
+        "image_sha256": pred.image.sha256,
+        "logged": True,
+        "feedback": [
+            {
+                "id": f.id,
+                "verdict": f.verdict.value,
+                "true_label": f.true_label,
+                "comment": f.comment,
+                "created_at": f.created_at.isoformat(),
+            }
+            for f in feedback
+        ],
+        "review": None
+        if review is None
+        else {"state": review.state.value, "reason": review.reason.value},
+    }
+
+
+def get_prediction(*, session: Session, prediction_id: str) -> Prediction | None:
+    return session.get(Prediction, prediction_id)
+
+
+def review_queue(
+    *,
+    session: Session,
+    states: tuple[ReviewState, ...] = OPEN_STATES,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[int, list[dict[str, Any]]]:
+    """(total, page) of review items, highest priority first."""
+    where = ReviewItem.state.in_(states)
+    total = session.scalar(select(func.count()).select_from(ReviewItem).where(where)) or 0
+    rows = session.execute(
+        select(ReviewItem, Image, Prediction)
+        .join(Image, Image.id == ReviewItem.image_id)
+        .outerjoin(Prediction, Prediction.id == ReviewItem.prediction_id)
+        .where(where)
+        .order_by(ReviewItem.priority.desc(), ReviewItem.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    page = [
+        {
+            "id": item.id,
+            "image_sha256": image.sha256,
+            "storage_key": image.storage_key,
+            "prediction_id": item.prediction_id,
+            "predicted_label": pred.label if pred else None,
+            "confidence": pred.confidence if pred else None,
+            "reason": item.reason.value,
+            "state": item.state.value,
+            "priority": item.priority,
+            "created_at": item.created_at.isoformat(),
+        }
+        for item, image, pred in rows
+    ]
+    return int(total), page

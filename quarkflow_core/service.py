@@ -1,0 +1,477 @@
+"""The prediction service behind the API and the Gradio demo: model holder + champion watcher,
+micro-batcher, durable outbox + flusher, token authentication that survives a database outage,
+and Prometheus metrics. The web layers only translate HTTP / UI events into these calls."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from quarkflow_core.config import Settings
+from quarkflow_core.database import make_engine
+from quarkflow_core.errors import (
+    AuthenticationFailed,
+    DatabaseUnavailable,
+    InvalidInput,
+    NotFound,
+    ObjectNotFound,
+    StorageError,
+)
+from quarkflow_core.images import validate_upload
+from quarkflow_core.outbox import Flusher, Outbox, Record
+from quarkflow_core.predictions import (
+    FEEDBACK,
+    PREDICTION,
+    apply_records,
+    get_prediction,
+    parse_verdict,
+    prediction_dict,
+)
+from quarkflow_core.schema import Role, Verdict
+from quarkflow_core.serving import (
+    MicroBatcher,
+    ModelHolder,
+    NoModel,
+    Predictor,
+    read_pointer,
+    summarize,
+    write_pointer,
+)
+from quarkflow_core.storage import Storage, storage_from_url
+
+log = logging.getLogger("quarkflow.service")
+TOKEN_CACHE_S = 60.0
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, detached from any database session."""
+
+    user_id: int | None
+    username: str
+    role: Role
+
+    def has(self, *roles: Role) -> bool:
+        return self.role in roles or self.role == Role.ADMIN
+
+
+ANONYMOUS = Principal(None, "anonymous", Role.DOMAIN_EXPERT)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An outage (retry later) rather than a bad record."""
+    if isinstance(exc, OperationalError | DatabaseUnavailable | TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, StorageError) and not isinstance(exc, ObjectNotFound)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "qf_http_requests", "HTTP requests", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "qf_http_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "qf_batch_size",
+            "Images per model batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.model_version = Gauge("qf_model_version", "Served model version", registry=r)
+        self.outbox_depth = Gauge("qf_outbox_depth", "Records waiting in the outbox", registry=r)
+        self.dead_letters = Gauge("qf_outbox_dead_letters", "Records that kept failing", registry=r)
+        self.predictions = Counter("qf_predictions", "Images predicted", registry=r)
+        self.reviews = Counter("qf_review_enqueued", "Predictions sent to review", registry=r)
+        self.swaps = Counter("qf_model_swaps", "Model hot swaps", registry=r)
+        self.rejected = Counter("qf_rejected_uploads", "Rejected uploads", ["error"], registry=r)
+
+
+class PredictionService:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        storage: Storage | None = None,
+        database_url: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = make_engine(database_url or settings.database_url)
+        self.storage = storage or storage_from_url(
+            settings.storage_url,
+            emulator_host=settings.storage_emulator_host,
+            project=settings.gcs_project,
+        )
+        self.metrics = Metrics()
+        self.holder = ModelHolder()
+        self.holder.listeners.append(self._on_swap)
+        self.batcher = MicroBatcher(
+            max_batch=settings.serving_max_batch,
+            max_wait_ms=settings.serving_max_wait_ms,
+            on_batch=self.metrics.batch_size.observe,
+        )
+        serving_dir = Path(settings.data_dir) / "serving"
+        self.outbox = Outbox(serving_dir / "outbox.db")
+        self.flusher = Flusher(self.outbox, self._apply, is_transient=is_transient)
+        self.pointer = serving_dir / "current.json"
+        self.cache_root = Path(settings.data_dir) / "model-cache"
+        self.watch_error: str | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._tokens: dict[str, tuple[Principal, float]] = {}
+        self.metrics.outbox_depth.set_function(self.outbox.depth)
+        self.metrics.dead_letters.set_function(self.outbox.dead_letters)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, *, watch: bool = True) -> None:
+        self.load_initial()
+        self.batcher.start()
+        self.flusher.start()
+        if watch and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="qf-watcher", daemon=True)
+            self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+            self._watcher = None
+        self.batcher.stop()
+        self.flusher.stop()
+        self.outbox.close()
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # ------------------------------------------------------------------ model
+
+    def _on_swap(self, predictor: Predictor) -> None:
+        self.metrics.swaps.inc()
+        self.metrics.model_version.set(predictor.version or 0)
+
+    def load_initial(self) -> None:
+        """The champion from the database; with the database down, the model served last."""
+        try:
+            self.refresh_model()
+            return
+        except (OperationalError, DatabaseUnavailable) as exc:
+            log.warning("database unreachable at start (%s); trying the last served model", exc)
+        pointer = read_pointer(self.pointer)
+        if pointer:
+            predictor = Predictor.from_artifact(
+                pointer["path"],
+                version=pointer["version"],
+                backend=self.settings.serving_backend,
+            )
+            if predictor.sha256 == pointer["sha256"]:
+                predictor.warm_up()
+                self.holder.swap(predictor)
+
+    def refresh_model(self) -> bool:
+        """Swap to the current champion if it changed: load fully, verify sha256, warm up,
+        then swap. Returns True when a swap happened."""
+        from quarkflow_core import registry
+
+        with self.session() as s:
+            row = registry.alias_of(session=s, alias=registry.CHAMPION)
+            if row is None:
+                return False
+            current = self.holder.current
+            if current is not None and current.sha256 == row.sha256:
+                return False
+            path = registry.materialize(storage=self.storage, row=row, cache_root=self.cache_root)
+            version = row.version
+        predictor = Predictor.from_artifact(
+            path, version=version, backend=self.settings.serving_backend
+        )
+        predictor.warm_up()
+        self.holder.swap(predictor)
+        write_pointer(self.pointer, predictor, path)
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.model_poll_s):
+            try:
+                self.refresh_model()
+                self.watch_error = None
+            except Exception as exc:  # keep serving the current model; report on /readyz
+                self.watch_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("champion check failed: %s", self.watch_error)
+
+    # ------------------------------------------------------------------ auth
+
+    def authenticate(self, token: str) -> Principal:
+        from quarkflow_core.security import hash_token
+        from quarkflow_core.users import authenticate_token
+
+        secret = self.settings.secret_key.get_secret_value()
+        key = hash_token(token, secret)
+        cached = self._tokens.get(key)
+        if cached and time.monotonic() - cached[1] < TOKEN_CACHE_S:
+            return cached[0]
+        try:
+            with self.session() as s:
+                user = authenticate_token(session=s, token=token, secret=secret)
+                principal = Principal(user.id, user.username, user.role)
+                s.commit()
+        except AuthenticationFailed:
+            self._tokens.pop(key, None)
+            raise
+        except (OperationalError, DatabaseUnavailable):
+            if cached:  # the database is down: a token seen recently still works
+                return cached[0]
+            raise DatabaseUnavailable(
+                "the database is unreachable and this token has not been seen recently"
+            ) from None
+        self._tokens[key] = (principal, time.monotonic())
+        return principal
+
+    def principal_for(self, username: str) -> Principal:
+        """A signed-in UI user (Gradio / Streamlit) as a Principal."""
+        from quarkflow_core.users import get_user
+
+        with self.session() as s:
+            user = get_user(session=s, username=username)
+            if not user.is_active:
+                raise AuthenticationFailed(f"user {username!r} is deactivated")
+            return Principal(user.id, user.username, user.role)
+
+    def check_password(self, username: str, password: str) -> bool:
+        from quarkflow_core.users import authenticate_password
+
+        try:
+            with self.session() as s:
+                authenticate_password(session=s, username=username, password=password)
+            return True
+        except AuthenticationFailed:
+            return False
+
+    # ------------------------------------------------------------------ predictions
+
+    def predict(
+        self,
+        uploads: list[tuple[bytes, str | None]],
+        *,
+        principal: Principal,
+        request_id: str | None = None,
+        source: str = "api",
+    ) -> list[dict[str, Any]]:
+        """Validate every upload first (one bad file rejects the call, nothing is written),
+        then predict them through the batcher and log each durably before returning."""
+        predictor = self.holder.current
+        if predictor is None:
+            raise NoModel(
+                "no model is being served yet: approve a version (`quarkflow models approve`) "
+                "or run `make demo`"
+            )
+        if not uploads:
+            raise InvalidInput("no image was uploaded", code="no_file")
+        if len(uploads) > self.settings.max_batch_files:
+            raise InvalidInput(
+                f"{len(uploads)} images in one request; the limit is "
+                f"{self.settings.max_batch_files}",
+                code="too_many_files",
+            )
+        started = time.perf_counter()
+        infos = []
+        for i, (data, content_type) in enumerate(uploads):
+            try:
+                infos.append(
+                    validate_upload(
+                        data,
+                        content_type=content_type,
+                        max_bytes=self.settings.max_upload_bytes,
+                        max_pixels=self.settings.max_image_pixels,
+                    )
+                )
+            except InvalidInput as exc:
+                self.metrics.rejected.labels(exc.code).inc()
+                if len(uploads) > 1:
+                    exc.detail = f"image {i + 1} of {len(uploads)}: {exc.detail}"
+                raise
+        futures = [
+            self.batcher.submit(predictor.preprocess(data), predictor) for data, _ in uploads
+        ]
+        threshold = self.settings.review_threshold
+        out = []
+        for (data, _), info, fut in zip(uploads, infos, futures, strict=True):
+            probs = fut.result(timeout=60)
+            s = summarize(probs, predictor.classes, k=min(5, len(predictor.classes)))
+            latency = (time.perf_counter() - started) * 1000
+            pid = str(uuid.uuid4())
+            review = s["confidence"] < threshold
+            payload = {
+                "id": pid,
+                "label": s["label"],
+                "confidence": s["confidence"],
+                "topk": s["topk"],
+                "margin": s["margin"],
+                "entropy": s["entropy"],
+                "model_version": predictor.version,
+                "latency_ms": round(latency, 3),
+                "review": review,
+                "request_id": request_id,
+                "user_id": principal.user_id,
+                "source": source,
+                "created_at": datetime.now(UTC).isoformat(),
+                "image": {
+                    "sha256": info.sha256,
+                    "format": info.format,
+                    "ext": info.ext,
+                    "width": info.width,
+                    "height": info.height,
+                    "mode": info.mode,
+                    "size_bytes": info.size_bytes,
+                },
+            }
+            self.outbox.append(PREDICTION, pid, payload, data)
+            self.metrics.predictions.inc()
+            if review:
+                self.metrics.reviews.inc()
+            out.append(
+                {
+                    "id": pid,
+                    "label": s["label"],
+                    "confidence": s["confidence"],
+                    "topk": s["topk"],
+                    "model_version": predictor.version,
+                    "latency_ms": round(latency, 3),
+                    "review": review,
+                    "image_sha256": info.sha256,
+                }
+            )
+        return out
+
+    def _apply(self, records: list[Record]) -> None:
+        with self.session() as s:
+            apply_records(s, self.storage, records)
+            s.commit()
+
+    def get_prediction(self, prediction_id: str) -> dict[str, Any]:
+        pending = self.outbox.find(prediction_id, PREDICTION)
+        if pending is not None:
+            p = pending.payload
+            return {
+                "id": p["id"],
+                "label": p["label"],
+                "confidence": p["confidence"],
+                "topk": p["topk"],
+                "model_version": p["model_version"],
+                "latency_ms": p["latency_ms"],
+                "created_at": p["created_at"],
+                "image_sha256": p["image"]["sha256"],
+                "logged": False,  # acknowledged, still in the outbox
+                "feedback": [],
+                "review": {"state": "pending", "reason": "low_confidence"} if p["review"] else None,
+            }
+        try:
+            with self.session() as s:
+                pred = get_prediction(session=s, prediction_id=prediction_id)
+                if pred is None:
+                    raise NotFound(f"no prediction with id {prediction_id}")
+                return prediction_dict(s, pred)
+        except OperationalError:
+            raise DatabaseUnavailable(
+                "the database is unreachable; logged predictions cannot be read right now"
+            ) from None
+
+    def feedback(
+        self,
+        prediction_id: str,
+        *,
+        verdict: str,
+        true_label: str | None,
+        comment: str | None,
+        principal: Principal,
+    ) -> dict[str, Any]:
+        """Acknowledged only once durable (committed to the outbox)."""
+        v = parse_verdict(verdict)
+        pred = self.get_prediction(prediction_id)  # NotFound for unknown ids
+        classes = self.holder.current.classes if self.holder.current else []
+        true_label = (true_label or "").strip() or None
+        if true_label is not None and classes and true_label not in classes:
+            raise InvalidInput(
+                f"unknown label {true_label!r}; valid labels: {', '.join(classes)}",
+                code="unknown_label",
+            )
+        if v == Verdict.CORRECT and true_label not in (None, pred["label"]):
+            raise InvalidInput(
+                f"verdict 'correct' but true_label {true_label!r} differs from the predicted "
+                f"{pred['label']!r}; send verdict 'wrong'",
+            )
+        if v == Verdict.CORRECT:
+            true_label = pred["label"]
+        if comment is not None and len(comment) > 2000:
+            raise InvalidInput("comment too long: at most 2000 characters")
+        fid = str(uuid.uuid4())
+        payload = {
+            "id": fid,
+            "prediction_id": prediction_id,
+            "verdict": v.value,
+            "true_label": true_label,
+            "comment": comment,
+            "user_id": principal.user_id,
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+        self.outbox.append(FEEDBACK, fid, payload)
+        return {
+            "id": fid,
+            "prediction_id": prediction_id,
+            "verdict": v.value,
+            "true_label": true_label,
+            "durable": True,
+        }
+
+    # ------------------------------------------------------------------ health
+
+    def readiness(self) -> dict[str, Any]:
+        from sqlalchemy import text
+
+        checks: dict[str, Any] = {}
+        current = self.holder.current
+        checks["model"] = (
+            {"ok": True, "version": current.version, "backend": current.backend_name}
+            if current
+            else {"ok": False, "error": "no model loaded"}
+        )
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = {"ok": True}
+        except Exception as exc:
+            checks["database"] = {"ok": False, "error": str(exc).splitlines()[0][:200]}
+        try:
+            self.storage.check()
+            checks["storage"] = {"ok": True}
+        except Exception as exc:
+            checks["storage"] = {"ok": False, "error": str(exc)[:200]}
+        checks["outbox"] = {
+            "depth": self.outbox.depth(),
+            "dead_letters": self.outbox.dead_letters(),
+            "last_error": self.flusher.last_error,
+        }
+        if self.watch_error:
+            checks["model"]["watch_error"] = self.watch_error
+        ready = all(checks[k]["ok"] for k in ("model", "database", "storage"))
+        return {"ready": ready, "checks": checks}
