@@ -3,7 +3,6 @@
 Thin: every route authenticates, calls ``quarkflow_core`` and shapes JSON. Errors are
 ``{"error": <code>, "detail": <sentence>}`` with a 4xx/5xx status."""
 
-
 import json
 import logging
 import time

@@ -1,7 +1,6 @@
 """The Gradio demo mounted at /demo: upload, paste or photograph an image, see the top-k,
 say "correct" or "wrong, it is X". Built on the same PredictionService as the REST API."""
 
-
 from pathlib import Path
 from typing import Any
 

@@ -100,3 +100,13 @@ def check_database(engine: Engine, *, require_migrated: bool = True) -> str:
             f"QF_DATABASE_URL: {where} has no Quarkflow schema; run `quarkflow db upgrade`"
         )
     return rev or ""
+
+
+def begin_write(session: Session) -> None:
+    """Make the session's (new) transaction hold the write lock from its first statement.
+
+    On SQLite in WAL mode a transaction that reads and then writes fails at once with
+    "database is locked" if another writer committed in between; taking the lock first (a
+    no-op UPDATE, which waits on busy_timeout instead) avoids that. Postgres needs nothing."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("UPDATE alembic_version SET version_num = version_num WHERE 1 = 0"))

@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
+from quarkflow_core.database import begin_write
 from quarkflow_core.errors import Conflict, InvalidInput, NotFound, ObjectNotFound
 from quarkflow_core.ml.artifacts import (
     MANIFEST,
@@ -177,8 +178,8 @@ def _lock(session: Session) -> None:
     session.commit()
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-    else:  # a no-op write takes SQLite's database write lock (waits on busy_timeout)
-        session.execute(text("UPDATE model_aliases SET alias = alias WHERE 1 = 0"))
+    else:
+        begin_write(session)
 
 
 def register_version(

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from quarkflow_core.config import Settings
-from quarkflow_core.database import make_engine
+from quarkflow_core.database import begin_write, make_engine
 from quarkflow_core.errors import (
     AuthenticationFailed,
     DatabaseUnavailable,
@@ -232,6 +232,7 @@ class PredictionService:
             return cached[0]
         try:
             with self.session() as s:
+                begin_write(s)  # it records last_used_at
                 user = authenticate_token(session=s, token=token, secret=secret)
                 principal = Principal(user.id, user.username, user.role)
                 s.commit()
@@ -365,6 +366,7 @@ class PredictionService:
 
     def _apply(self, records: list[Record]) -> None:
         with self.session() as s:
+            begin_write(s)
             apply_records(s, self.storage, records)
             s.commit()
 

@@ -170,3 +170,56 @@ def storage(request, tmp_path, gcs_host) -> Storage:
     if request.param == "gcs":
         return make_gcs(gcs_host)
     return LocalStorage(tmp_path / "store")
+
+
+# --------------------------------------------------------------------------- trained models
+
+N_SEED = 600  # seed snapshot used with these models: 480 train + 120 hold-out real digits
+
+
+@pytest.fixture(scope="session")
+def trained_artifacts(tmp_path_factory):
+    """Three real models trained on the seed snapshot's train split (never its hold-out):
+    ``weak`` (1 epoch on 120 images), ``strong`` and ``strong_b`` (5 epochs, two seeds)."""
+    import numpy as np
+    import torch
+
+    from quarkflow_core.datasets import stratified_holdout
+    from quarkflow_core.demo import HOLDOUT_FRACTION, SPLIT_SEED, demo_pngs
+    from quarkflow_core.ml.artifacts import save_artifact
+    from quarkflow_core.ml.data import ImageSet, decode
+    from quarkflow_core.ml.train import TrainConfig, fit
+    from quarkflow_core.ml.transforms import eval_preset
+
+    preset = eval_preset("digits28")
+    pngs, labels = demo_pngs(N_SEED)
+    held = np.array(stratified_holdout(labels, fraction=HOLDOUT_FRACTION, seed=SPLIT_SEED))
+    train_idx = np.nonzero(~held)[0]
+    classes = sorted(set(labels))
+    train = ImageSet(
+        torch.from_numpy(np.stack([decode(pngs[i], preset) for i in train_idx])),
+        torch.tensor([classes.index(labels[i]) for i in train_idx]),
+        classes,
+        [str(i) for i in train_idx],
+    )
+    base = {"batch_size": 64, "augment": "none", "num_threads": 2, "val_fraction": 0.1}
+    specs = {
+        "weak": (train.subset(np.arange(0, len(train), 4)), {"epochs": 1, "seed": 0}),
+        "strong": (train, {"epochs": 5, "seed": 0}),
+        "strong_b": (train, {"epochs": 5, "seed": 1}),
+    }
+    out = {}
+    for name, (data, cfg) in specs.items():
+        res = fit(data, TrainConfig(**base, **cfg))
+        folder = tmp_path_factory.mktemp(name)
+        save_artifact(
+            folder,
+            model=res.model,
+            architecture="smallcnn",
+            classes=res.classes,
+            in_channels=1,
+            preset=res.preset,
+            metrics={"holdout": {"accuracy": res.history[-1]["val_accuracy"]}},
+        )
+        out[name] = folder
+    return out

@@ -16,20 +16,15 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core import migrations, registry
 from quarkflow_core.database import make_engine
-from quarkflow_core.datasets import stratified_holdout
 from quarkflow_core.demo import (
     DEMO_LEAD,
-    HOLDOUT_FRACTION,
-    SPLIT_SEED,
     bootstrap_champion,
-    demo_pngs,
     seed_demo,
 )
 from quarkflow_core.errors import Conflict, InvalidInput, NotFound, PermissionDenied, StorageError
-from quarkflow_core.ml.artifacts import ArtifactIntegrityError, save_artifact
+from quarkflow_core.ml.artifacts import ArtifactIntegrityError
 from quarkflow_core.ml.compare import compare
-from quarkflow_core.ml.data import ImageSet, decode
-from quarkflow_core.ml.train import TrainConfig, fit
+from quarkflow_core.ml.train import TrainConfig
 from quarkflow_core.ml.transforms import eval_preset
 from quarkflow_core.registry import PolicyConfig, evaluate_policy
 from quarkflow_core.schema import AuditLog, ModelVersion, PromotionAction, PromotionEvent, Role
@@ -49,41 +44,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    """Three real models trained on the seed snapshot's train split (not its hold-out):
-    ``weak`` (1 epoch on 120 images), ``strong`` and ``strong_b`` (5 epochs, two seeds)."""
-    pngs, labels = demo_pngs(N_SEED)
-    held = np.array(stratified_holdout(labels, fraction=HOLDOUT_FRACTION, seed=SPLIT_SEED))
-    train_idx = np.nonzero(~held)[0]
-    classes = sorted(set(labels))
-    images = torch.from_numpy(np.stack([decode(pngs[i], PRESET) for i in train_idx]))
-    train = ImageSet(
-        images,
-        torch.tensor([classes.index(labels[i]) for i in train_idx]),
-        classes,
-        [str(i) for i in train_idx],
-    )
-    base = {"batch_size": 64, "augment": "none", "num_threads": 2, "val_fraction": 0.1}
-    specs = {
-        "weak": (train.subset(np.arange(0, len(train), 4)), {"epochs": 1, "seed": 0}),
-        "strong": (train, {"epochs": 5, "seed": 0}),
-        "strong_b": (train, {"epochs": 5, "seed": 1}),
-    }
-    out = {}
-    for name, (data, cfg) in specs.items():
-        res = fit(data, TrainConfig(**base, **cfg))
-        folder = tmp_path_factory.mktemp(name)
-        save_artifact(
-            folder,
-            model=res.model,
-            architecture="smallcnn",
-            classes=res.classes,
-            in_channels=1,
-            preset=res.preset,
-            metrics={"holdout": {"accuracy": res.history[-1]["val_accuracy"]}},
-        )
-        out[name] = folder
-    return out
+def artifacts(trained_artifacts):
+    return trained_artifacts
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def canonical_image(img: PILImage.Image) -> PILImage.Image:
         if mode == "F":
             top = max(float(np.abs(arr).max()), 1.0)
         arr = np.clip(arr / top * 255.0, 0, 255)
-        return PILImage.fromarray(arr.astype(np.uint8), "L")
+        return PILImage.fromarray(arr.astype(np.uint8))  # 2-D uint8 -> "L"
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         mode = img.mode
