@@ -115,7 +115,7 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
         pred_id = gr.State(None)
         with gr.Row():
             correct_btn = gr.Button("Correct", variant="primary")
-            right_label = gr.Dropdown(choices=[], label="Right label", allow_custom_value=False)
+            right_label = gr.Dropdown(choices=[], label="Right label", allow_custom_value=True)
             wrong_btn = gr.Button("Wrong: record the right label", variant="stop")
         status = gr.Markdown()
         gr.Examples(examples=example_images(examples_dir), inputs=image, label="Seed digits")

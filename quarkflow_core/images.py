@@ -57,11 +57,13 @@ def probe_image(
         raise InvalidInput(
             f"the file is {len(data):,} bytes; the limit is {max_bytes:,}", code="too_large"
         )
+    identified = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             # Only the allowed decoders ever parse untrusted bytes.
             with PILImage.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
+                identified = True
                 fmt = img.format or "?"
                 width, height = img.size
                 mode = img.mode
@@ -87,7 +89,12 @@ def probe_image(
                 code="unsupported_format",
             ) from None
         raise InvalidInput("the file is not a recognisable image", code="not_an_image") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # decoders raise struct.error, zlib.error, EOFError ... too
+        if not identified:
+            raise InvalidInput(
+                f"the file is not a recognisable image ({type(exc).__name__})",
+                code="not_an_image",
+            ) from None
         raise InvalidInput(
             f"the image is damaged or truncated: {exc}", code="corrupt_image"
         ) from None
@@ -105,9 +112,15 @@ def probe_image(
 def _sniff_format(data: bytes) -> str | None:
     """Name a format Pillow recognises from the header alone (no pixel decoding)."""
     PILImage.init()
+    head = data[:64]
     for fmt, (_factory, accept) in PILImage.OPEN.items():
-        if fmt not in ALLOWED_FORMATS and accept is not None and accept(data[:64]):
-            return fmt
+        if fmt in ALLOWED_FORMATS or accept is None:
+            continue
+        try:
+            if accept(head):
+                return fmt
+        except Exception:  # noqa: S112 - some plugins' header checks fail on short input
+            continue
     return None
 
 

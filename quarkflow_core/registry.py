@@ -637,6 +637,7 @@ def _check_reason(reason: str | None, *, minimum: int = MIN_REASON, why: str = "
 def _refuse(session: Session, user: User, action: str, target: ModelVersion, why: str) -> None:
     """Record a refused decision in the audit log; it outlives the caller's rollback."""
     session.rollback()
+    begin_write(session)
     record_audit(
         session=session,
         actor=user,

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from quarkflow_core.database import begin_write
 from quarkflow_core.errors import (
     AlreadyExists,
     AuthenticationFailed,
@@ -147,6 +148,10 @@ def require_role(*, session: Session, user: User, allowed: set[Role], action: st
     """Refuse (and audit the refusal) unless the user's role is allowed; admin always is."""
     if user.role in allowed or user.role == Role.ADMIN:
         return
+    # The refusal must outlive the caller's rollback: it is written in its own transaction,
+    # which takes the write lock first (see database.begin_write).
+    session.commit()
+    begin_write(session)
     record_audit(
         session=session,
         actor=user,
@@ -154,7 +159,6 @@ def require_role(*, session: Session, user: User, allowed: set[Role], action: st
         outcome="denied",
         detail={"role": user.role.value, "allowed": sorted(r.value for r in allowed)},
     )
-    # The refusal must outlive the caller's rollback: commit it now.
     session.commit()
     allowed_txt = " or ".join(sorted(r.value for r in allowed))
     raise PermissionDenied(

@@ -305,6 +305,8 @@ def _hostile() -> list[tuple[str, bytes, str, set[str]]]:
     rng = np.random.default_rng(7)
     return [
         ("empty", b"", "image/png", {"empty_file"}),
+        ("one byte", b"{", "image/png", {"not_an_image"}),
+        ("three bytes", b"\xc3\x83\n", "application/octet-stream", {"not_an_image"}),
         ("text", b"hello, this is not an image\n" * 3, "image/png", {"not_an_image"}),
         (
             "html",
