@@ -22,6 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 DEMO_MODEL := .quarkflow/artifacts/demo-smallcnn
+PORT ?= 8000
 
 demo: install  ## embedded default: SQLite + ./.quarkflow folder
 	$(BIN)/quarkflow db upgrade
@@ -31,7 +32,8 @@ demo: install  ## embedded default: SQLite + ./.quarkflow folder
 	$(BIN)/quarkflow demo-bootstrap $(DEMO_MODEL)
 	@echo
 	@echo "Demo data and a trained, calibrated, ONNX-exported champion model are in .quarkflow/."
-	@echo "See it with: $(BIN)/quarkflow models list && $(BIN)/quarkflow models history"
+	@echo "Open http://127.0.0.1:$(PORT)/demo (Gradio) or http://127.0.0.1:$(PORT)/docs (API). Ctrl-C stops."
+	exec $(BIN)/quarkflow serve --host 127.0.0.1 --port $(PORT)
 
 test: install  ## starts Postgres + fake-gcs-server if needed, runs everything, stops them
 	scripts/test.sh $(PYTEST_ARGS)

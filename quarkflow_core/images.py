@@ -51,6 +51,14 @@ def probe_image(
     data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> ImageInfo:
     """Check that ``data`` is one whole, allowed, reasonably sized image. Raises InvalidInput."""
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)[0]
+
+
+def decode_image(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[ImageInfo, PILImage.Image]:
+    """``probe_image`` that also returns the decoded (first) frame, so that a caller that
+    predicts on it does not decode the bytes twice."""
     if not data:
         raise InvalidInput("the file is empty (0 bytes)", code="empty_file")
     if len(data) > max_bytes:
@@ -74,6 +82,7 @@ def probe_image(
                         code="too_many_pixels",
                     )
                 img.load()  # decode fully: catches truncated files
+                decoded = img.copy()  # frame 0, with its EXIF; usable after the file closes
     except InvalidInput:
         raise
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
@@ -90,7 +99,7 @@ def probe_image(
             ) from None
         raise InvalidInput("the file is not a recognisable image", code="not_an_image") from None
     except Exception as exc:  # decoders raise struct.error, zlib.error, EOFError ... too
-        if not identified:
+        if not identified and not isinstance(exc, OSError | SyntaxError | ValueError):
             raise InvalidInput(
                 f"the file is not a recognisable image ({type(exc).__name__})",
                 code="not_an_image",
@@ -98,7 +107,7 @@ def probe_image(
         raise InvalidInput(
             f"the image is damaged or truncated: {exc}", code="corrupt_image"
         ) from None
-    return ImageInfo(
+    info = ImageInfo(
         sha256=hashlib.sha256(data).hexdigest(),
         format=fmt,
         ext=ALLOWED_FORMATS[fmt],
@@ -107,6 +116,7 @@ def probe_image(
         mode=mode,
         size_bytes=len(data),
     )
+    return info, decoded
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -203,7 +213,7 @@ def validate_upload(
     content_type: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> ImageInfo:
+) -> tuple[ImageInfo, PILImage.Image]:
     """``probe_image`` plus the checks an upload needs: the declared content type must match
     the bytes, and nothing may hide after the image (polyglots: an image that is also HTML,
     a script or an archive)."""
@@ -213,7 +223,7 @@ def validate_upload(
             f"the upload is declared as {declared!r}, not as an image",
             code="unsupported_media_type",
         )
-    info = probe_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    info, image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
     if declared in _DECLARED and _DECLARED[declared] != info.format:
         raise InvalidInput(
             f"the upload is declared as {declared} but its bytes are {info.format}",
@@ -233,4 +243,4 @@ def validate_upload(
             "the file carries markup or script next to the image data (a polyglot file)",
             code="polyglot",
         )
-    return info
+    return info, image

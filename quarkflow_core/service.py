@@ -312,11 +312,11 @@ class PredictionService:
                     exc.detail = f"image {i + 1} of {len(uploads)}: {exc.detail}"
                 raise
         futures = [
-            self.batcher.submit(predictor.preprocess(data), predictor) for data, _ in uploads
+            self.batcher.submit(predictor.preprocess_image(image), predictor) for _, image in infos
         ]
         threshold = self.settings.review_threshold
         out = []
-        for (data, _), info, fut in zip(uploads, infos, futures, strict=True):
+        for (data, _), (info, _), fut in zip(uploads, infos, futures, strict=True):
             probs = fut.result(timeout=60)
             s = summarize(probs, predictor.classes, k=min(5, len(predictor.classes)))
             latency = (time.perf_counter() - started) * 1000

@@ -92,7 +92,11 @@ class Predictor:
     def preprocess(self, data: bytes) -> np.ndarray:
         """Validated image bytes -> uint8 (C, H, W) at this model's preset."""
         with PILImage.open(io.BytesIO(data)) as img:
-            return self.preset.to_array(img).transpose(2, 0, 1)
+            return self.preprocess_image(img)
+
+    def preprocess_image(self, img: PILImage.Image) -> np.ndarray:
+        """A decoded image -> uint8 (C, H, W) at this model's preset."""
+        return self.preset.to_array(img).transpose(2, 0, 1)
 
     def probabilities(self, batch_uint8: np.ndarray) -> np.ndarray:
         """uint8 (N, C, H, W) -> calibrated probabilities (N, classes)."""
