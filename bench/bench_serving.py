@@ -198,6 +198,12 @@ async def _load(url: str, token: str, photo: bytes, clients: int, seconds: float
     }
 
 
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -246,12 +252,17 @@ def main() -> None:
         asyncio.run(_load(url, token, photo, 4, 3.0))  # warm-up
         levels = []
         for clients in LEVELS:
+            client_cpu, server_cpu = time.process_time(), _cpu_s(server.pid)
             res = asyncio.run(_load(url, token, photo, clients, LEVEL_S))
+            # where the 2 cores went: the load generator shares the machine with the server
+            res["client_cpu_cores"] = (time.process_time() - client_cpu) / res["seconds"]
+            res["server_cpu_cores"] = (_cpu_s(server.pid) - server_cpu) / res["seconds"]
             res["vs_raw_batched"] = res["img_s"] / raw["best_batched_img_s"]
             levels.append(res)
             print(
                 f"{clients:>3} clients: {res['img_s']:6.1f} img/s  p50 {res['p50_ms']:6.1f} ms  "
-                f"p99 {res['p99_ms']:6.1f} ms  5xx {res['server_5xx']}"
+                f"p99 {res['p99_ms']:6.1f} ms  5xx {res['server_5xx']}  cpu: server "
+                f"{res['server_cpu_cores']:.2f} client {res['client_cpu_cores']:.2f} cores"
             )
         # The raw reference again, now that the load is over; keep the better of the two
         # measurements (the stricter reference for the ratios).

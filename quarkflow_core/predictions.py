@@ -24,6 +24,7 @@ from quarkflow_core.schema import (
     ReviewReason,
     ReviewState,
     Verdict,
+    parse_enum,
 )
 from quarkflow_core.storage import Storage
 
@@ -39,11 +40,7 @@ def review_priority(*, margin: float, entropy: float, disputed: bool = False) ->
 
 
 def parse_verdict(value: str) -> Verdict:
-    try:
-        return Verdict(value)
-    except ValueError:
-        valid = ", ".join(v.value for v in Verdict)
-        raise InvalidInput(f"unknown verdict {value!r}; valid: {valid}") from None
+    return parse_enum(Verdict, value, "verdict")
 
 
 def upsert_review(

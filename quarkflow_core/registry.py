@@ -247,20 +247,11 @@ def register_version(
         target_id=number,
         detail={"by": created_by, "sha256": sha, "architecture": row.architecture},
     )
-    if as_challenger:
-        _set_alias(session, CHALLENGER, row, created_by)
-        _event(
-            session,
-            action=PromotionAction.SET_CHALLENGER,
-            alias=CHALLENGER,
-            from_id=None,
-            to=row,
-            user=None,
-            actor=created_by,
-            reason="registered as challenger",
-            evidence={"candidate": summary(row)},
-        )
     session.commit()
+    if as_challenger:
+        set_challenger(
+            session=session, version=row, actor=created_by, reason="registered as challenger"
+        )
     return row
 
 

@@ -89,6 +89,17 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
     )
 
 
+def parse_enum(cls: type[enum.StrEnum], value: object, what: str):
+    """``cls(value)``, or InvalidInput naming the valid values."""
+    from quarkflow_core.errors import InvalidInput
+
+    try:
+        return cls(value)
+    except ValueError:
+        valid = ", ".join(v.value for v in cls)
+        raise InvalidInput(f"unknown {what} {value!r}; valid: {valid}") from None
+
+
 class Role(enum.StrEnum):
     DOMAIN_EXPERT = "domain_expert"
     ANALYST = "analyst"

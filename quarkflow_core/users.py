@@ -17,18 +17,14 @@ from quarkflow_core.errors import (
     NotFound,
     PermissionDenied,
 )
-from quarkflow_core.schema import ApiToken, AuditLog, Role, User, utcnow
+from quarkflow_core.schema import ApiToken, AuditLog, Role, User, parse_enum, utcnow
 from quarkflow_core.security import hash_password, hash_token, new_token, verify_password
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{2,64}$")
 
 
 def parse_role(value: str | Role) -> Role:
-    try:
-        return Role(value)
-    except ValueError:
-        valid = ", ".join(r.value for r in Role)
-        raise InvalidInput(f"unknown role {value!r}; valid roles: {valid}") from None
+    return parse_enum(Role, value, "role")
 
 
 def create_user(
