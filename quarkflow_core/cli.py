@@ -782,6 +782,62 @@ def serve(
         uvicorn.run(create_app(settings, host=host), host=host, port=port, log_level="warning")
 
 
+# --------------------------------------------------------------------------- flows
+
+
+@app.command("worker")
+def worker(
+    prefect_port: int = typer.Option(4200, help="Port of the local Prefect server, if started."),
+) -> None:
+    """Serve the Prefect deployments (retrain, batch_predict, promote, label_trigger).
+
+    Uses QF_PREFECT_API_URL when set; otherwise starts a local Prefect server first."""
+    from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deployments import deployments
+    from quarkflow_core.orchestration import local_prefect_server
+
+    settings = _settings()
+    with local_prefect_server(settings.prefect_api_url, port=prefect_port) as api_url:
+        console.print(f"Prefect API {api_url}; serving the deployments (Ctrl-C stops)")
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            prefect_serve(*deployments(settings))
+
+
+@app.command("retrain")
+def retrain_cmd(
+    epochs: int = typer.Option(15),
+    architecture: str = typer.Option("smallcnn", "--arch"),
+    kfold: int = typer.Option(0),
+    prune_ratio: float | None = typer.Option(None, help="Also prune the candidate."),
+    deployment: bool = typer.Option(
+        False, help="Start the `retrain` deployment on the worker instead of running here."
+    ),
+) -> None:
+    """Run the retrain flow now (or trigger its deployment): snapshot, train, register."""
+    params = {
+        "epochs": epochs,
+        "architecture": architecture,
+        "kfold": kfold,
+        "prune_ratio": prune_ratio,
+    }
+    if deployment:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment("retrain/retrain", parameters=params, timeout=0)
+        console.print(f"started retrain flow run {run.id}")
+        return
+    from flows.retrain import retrain
+
+    result = retrain(**params)
+    cand = result["candidate"]
+    console.print(
+        f"candidate v{cand['version']} registered as challenger; policy: "
+        f"{cand['policy']['verdict']} ({'; '.join(cand['policy']['reasons'])})"
+    )
+
+
 # --------------------------------------------------------------------------- doctor
 
 

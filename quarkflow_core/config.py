@@ -67,6 +67,19 @@ class Settings(BaseSettings):
         description="Allow unauthenticated predictions and feedback; unset = only when the "
         "server is bound to localhost.",
     )
+    api_url: str | None = Field(
+        "http://127.0.0.1:8000", description="The serving API (the promote flow waits on it)."
+    )
+    retrain_cron: str = Field("0 3 * * 1", description="Cron of the retrain schedule.")
+    retrain_schedule_enabled: bool = Field(False, description="Whether that schedule runs.")
+    retrain_min_new_labels: int = Field(
+        200, ge=0, description="Start retrain after this many new labels (0 = never)."
+    )
+    retrain_min_per_class: int | None = Field(
+        None, ge=1, description="...and at least this many in every class that got labels."
+    )
+    label_trigger_s: int = Field(300, ge=10, description="How often the label trigger checks.")
+
     policy_noninferiority_margin: float = Field(
         0.005, ge=0.0, le=1.0, description="Promotion: allowed accuracy loss (CI lower bound)."
     )

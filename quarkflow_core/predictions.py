@@ -6,7 +6,9 @@ functions here."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -30,6 +32,42 @@ from quarkflow_core.storage import Storage
 
 PREDICTION, FEEDBACK = "prediction", "feedback"
 OPEN_STATES = (ReviewState.OPEN, ReviewState.DISPUTED, ReviewState.SENT)
+
+
+def prediction_record(
+    *,
+    summary: dict[str, Any],
+    info: ImageInfo,
+    model_version: int | None,
+    latency_ms: float,
+    review_threshold: float,
+    user_id: int | None = None,
+    request_id: str | None = None,
+    source: str = "api",
+) -> dict[str, Any]:
+    """The logged form of one prediction (outbox payload / batch record), with a new id."""
+    return {
+        "id": str(uuid.uuid4()),
+        "label": summary["label"],
+        "confidence": summary["confidence"],
+        "topk": summary["topk"],
+        "margin": summary["margin"],
+        "entropy": summary["entropy"],
+        "model_version": model_version,
+        "latency_ms": round(latency_ms, 3),
+        "review": summary["confidence"] < review_threshold,
+        "request_id": request_id,
+        "user_id": user_id,
+        "source": source,
+        "created_at": datetime.now(UTC).isoformat(),
+        "image": asdict(info),
+    }
+
+
+def public_view(record: dict[str, Any]) -> dict[str, Any]:
+    """What a caller is told about a prediction it just made."""
+    keys = ("id", "label", "confidence", "topk", "model_version", "latency_ms", "review")
+    return {**{k: record[k] for k in keys}, "image_sha256": record["image"]["sha256"]}
 
 
 def review_priority(*, margin: float, entropy: float, disputed: bool = False) -> float:

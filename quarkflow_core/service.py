@@ -36,6 +36,8 @@ from quarkflow_core.predictions import (
     get_prediction,
     parse_verdict,
     prediction_dict,
+    prediction_record,
+    public_view,
 )
 from quarkflow_core.schema import Role, Verdict
 from quarkflow_core.serving import (
@@ -320,48 +322,21 @@ class PredictionService:
             probs = fut.result(timeout=60)
             s = summarize(probs, predictor.classes, k=min(5, len(predictor.classes)))
             latency = (time.perf_counter() - started) * 1000
-            pid = str(uuid.uuid4())
-            review = s["confidence"] < threshold
-            payload = {
-                "id": pid,
-                "label": s["label"],
-                "confidence": s["confidence"],
-                "topk": s["topk"],
-                "margin": s["margin"],
-                "entropy": s["entropy"],
-                "model_version": predictor.version,
-                "latency_ms": round(latency, 3),
-                "review": review,
-                "request_id": request_id,
-                "user_id": principal.user_id,
-                "source": source,
-                "created_at": datetime.now(UTC).isoformat(),
-                "image": {
-                    "sha256": info.sha256,
-                    "format": info.format,
-                    "ext": info.ext,
-                    "width": info.width,
-                    "height": info.height,
-                    "mode": info.mode,
-                    "size_bytes": info.size_bytes,
-                },
-            }
-            self.outbox.append(PREDICTION, pid, payload, data)
-            self.metrics.predictions.inc()
-            if review:
-                self.metrics.reviews.inc()
-            out.append(
-                {
-                    "id": pid,
-                    "label": s["label"],
-                    "confidence": s["confidence"],
-                    "topk": s["topk"],
-                    "model_version": predictor.version,
-                    "latency_ms": round(latency, 3),
-                    "review": review,
-                    "image_sha256": info.sha256,
-                }
+            payload = prediction_record(
+                summary=s,
+                info=info,
+                model_version=predictor.version,
+                latency_ms=latency,
+                review_threshold=threshold,
+                user_id=principal.user_id,
+                request_id=request_id,
+                source=source,
             )
+            self.outbox.append(PREDICTION, payload["id"], payload, data)
+            self.metrics.predictions.inc()
+            if payload["review"]:
+                self.metrics.reviews.inc()
+            out.append(public_view(payload))
         return out
 
     def _apply(self, records: list[Record]) -> None:

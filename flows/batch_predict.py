@@ -1,0 +1,85 @@
+"""`batch_predict`: predict every image under a storage prefix (file:// or gs://), logged like
+the API does, on a Dask task runner: a local cluster by default, a real one by address."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect_dask import DaskTaskRunner
+
+from flows.common import data_dir, db, storage
+from quarkflow_core.config import get_settings
+
+
+@task(name="predict-chunk", retries=2, retry_delay_seconds=2)
+def predict_chunk(keys: list[str], source_url: str | None) -> dict[str, Any]:
+    from quarkflow_core.batch import champion_predictor, predict_keys
+    from quarkflow_core.storage import storage_from_url
+
+    settings = get_settings()
+    dest = storage()
+    source = (
+        storage_from_url(source_url, emulator_host=settings.storage_emulator_host)
+        if source_url
+        else dest
+    )
+    with db() as s:
+        predictor = champion_predictor(
+            session=s, storage=dest, cache_root=data_dir() / "model-cache"
+        )
+        return predict_keys(
+            session=s,
+            source=source,
+            storage=dest,
+            keys=keys,
+            predictor=predictor,
+            review_threshold=settings.review_threshold,
+        )
+
+
+def task_runner(address: str | None = None, workers: int = 2) -> DaskTaskRunner:
+    """A DaskTaskRunner on an existing cluster (``address``) or a local one."""
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": False}
+    )
+
+
+@flow(name="batch_predict", log_prints=True, task_runner=task_runner())
+def batch_predict(
+    prefix: str, source_url: str | None = None, chunk_size: int = 64
+) -> dict[str, Any]:
+    """Predict all images under ``prefix`` of ``source_url`` (default: QF_STORAGE_URL)."""
+    from quarkflow_core.batch import list_images
+    from quarkflow_core.storage import storage_from_url
+
+    settings = get_settings()
+    source = (
+        storage_from_url(source_url, emulator_host=settings.storage_emulator_host)
+        if source_url
+        else storage()
+    )
+    keys = list_images(source, prefix)
+    chunks = [keys[i : i + chunk_size] for i in range(0, len(keys), chunk_size)]
+    futures = [predict_chunk.submit(chunk, source_url) for chunk in chunks]
+    results = [f.result() for f in futures]
+    summary = {
+        "images": len(keys),
+        "chunks": len(chunks),
+        "predicted": sum(r["predicted"] for r in results),
+        "review": sum(r["review"] for r in results),
+        "errors": [e for r in results for e in r["errors"]],
+    }
+    create_markdown_artifact(
+        key="batch-predict-report",
+        markdown=(
+            f"# Batch prediction of `{prefix}`\n\n| images | predicted | to review | rejected |\n"
+            f"|---|---|---|---|\n| {summary['images']} | {summary['predicted']} | "
+            f"{summary['review']} | {len(summary['errors'])} |"
+        ),
+    )
+    print(f"predicted {summary['predicted']} of {summary['images']} images")
+    return summary

@@ -1,0 +1,27 @@
+"""What every flow needs from the core: settings, a database session, storage, paths."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from quarkflow_core.config import get_settings
+from quarkflow_core.database import get_engine, session_scope
+from quarkflow_core.storage import Storage, get_storage
+
+
+@contextmanager
+def db() -> Iterator[Session]:
+    with session_scope(get_engine(get_settings().database_url)) as session:
+        yield session
+
+
+def storage() -> Storage:
+    return get_storage()
+
+
+def data_dir() -> Path:
+    return Path(get_settings().data_dir)

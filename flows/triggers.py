@@ -1,0 +1,36 @@
+"""`label_trigger`: start `retrain` when enough new labels have accumulated since the last
+snapshot (QF_RETRAIN_MIN_NEW_LABELS, optionally QF_RETRAIN_MIN_PER_CLASS)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.common import db
+from quarkflow_core.config import get_settings
+
+RETRAIN_DEPLOYMENT = "retrain/retrain"
+
+
+@flow(name="label_trigger", log_prints=True)
+def label_trigger(launch: bool = True) -> dict[str, Any]:
+    from quarkflow_core.labels import new_labels_since, retrain_due
+
+    settings = get_settings()
+    with db() as s:
+        counts = new_labels_since(session=s)
+    due, why = retrain_due(
+        counts,
+        min_new_labels=settings.retrain_min_new_labels,
+        min_per_class=settings.retrain_min_per_class,
+    )
+    print(why)
+    result: dict[str, Any] = {"due": due, "why": why, "counts": counts, "flow_run": None}
+    if due and launch:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(RETRAIN_DEPLOYMENT, timeout=0)
+        result["flow_run"] = str(run.id)
+        print(f"started {RETRAIN_DEPLOYMENT}: flow run {run.id}")
+    return result

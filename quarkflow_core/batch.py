@@ -1,0 +1,92 @@
+"""Batch prediction over a storage prefix: the same Predictor, validation and logged records as
+the API (written straight to the database, since a batch job is not answering anyone)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from quarkflow_core.database import begin_write
+from quarkflow_core.errors import InvalidInput, NotFound
+from quarkflow_core.images import ALLOWED_FORMATS, validate_upload
+from quarkflow_core.outbox import Record
+from quarkflow_core.predictions import PREDICTION, apply_records, prediction_record
+from quarkflow_core.serving import Predictor, summarize
+from quarkflow_core.storage import Storage
+
+IMAGE_SUFFIXES = {f".{e}" for e in ALLOWED_FORMATS.values()} | {".jpeg", ".tiff"}
+_PREDICTORS: dict[str, Predictor] = {}  # per process: sha256 -> loaded champion
+
+
+def list_images(storage: Storage, prefix: str) -> list[str]:
+    return [k for k in storage.list(prefix) if Path(k).suffix.lower() in IMAGE_SUFFIXES]
+
+
+def champion_predictor(*, session: Session, storage: Storage, cache_root: str | Path) -> Predictor:
+    """The current champion, loaded once per process (verified on first load)."""
+    from quarkflow_core import registry
+
+    row = registry.alias_of(session=session, alias=registry.CHAMPION)
+    if row is None:
+        raise NotFound("there is no champion model to predict with")
+    if row.sha256 not in _PREDICTORS:
+        path = registry.materialize(storage=storage, row=row, cache_root=cache_root)
+        _PREDICTORS[row.sha256] = Predictor.from_artifact(path, version=row.version)
+    return _PREDICTORS[row.sha256]
+
+
+def predict_keys(
+    *,
+    session: Session,
+    source: Storage,
+    storage: Storage,
+    keys: list[str],
+    predictor: Predictor,
+    review_threshold: float,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Predict the images at ``keys`` in ``source`` and log them (blobs to ``storage``, rows to
+    the database) in one transaction. Invalid files are reported, not logged."""
+    records, errors = [], []
+    for start in range(0, len(keys), batch_size):
+        chunk = keys[start : start + batch_size]
+        valid, arrays = [], []
+        for key in chunk:
+            data = source.get(key)
+            try:
+                info, image = validate_upload(data)
+            except InvalidInput as exc:
+                errors.append({"key": key, "error": exc.code, "detail": exc.detail})
+                continue
+            valid.append((key, data, info))
+            arrays.append(predictor.preprocess_image(image))
+        if not valid:
+            continue
+        import numpy as np
+
+        t0 = time.perf_counter()
+        probs = predictor.probabilities(np.stack(arrays))
+        per_image_ms = (time.perf_counter() - t0) * 1000 / len(valid)
+        for (key, data, info), row in zip(valid, probs, strict=True):
+            payload = prediction_record(
+                summary=summarize(row, predictor.classes, k=min(5, len(predictor.classes))),
+                info=info,
+                model_version=predictor.version,
+                latency_ms=per_image_ms,
+                review_threshold=review_threshold,
+                request_id=key[:64],
+                source="batch",
+            )
+            records.append(Record(0, PREDICTION, payload["id"], payload, data, 0))
+    begin_write(session)
+    apply_records(session, storage, records)
+    session.commit()
+    return {
+        "predicted": len(records),
+        "review": sum(1 for r in records if r.payload["review"]),
+        "errors": errors,
+        "labels": [r.payload["label"] for r in records],
+    }

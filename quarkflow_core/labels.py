@@ -1,0 +1,202 @@
+"""Which label does each image have for training? The rule behind every retraining snapshot,
+and the count behind the "enough new labels" trigger.
+
+Sources, strongest first (one label per image, images de-duplicated by content hash because
+``images.sha256`` is unique):
+
+1. **Label Studio annotations**: the majority label of the annotators.
+2. **Expert feedback** on predictions: "correct" confirms the predicted label, "wrong" with a
+   true label gives that label ("wrong" without one gives none); the majority across feedback.
+3. **Seed annotations**.
+
+A tie within the strongest source that has labels makes the image *unresolved*: it is left out
+of the snapshot (it stays disputed in the review queue until a person settles it). An image
+whose review item was marked label noise is left out. The **hold-out is fixed**: it is the
+seed snapshot's hold-out with its seed labels, whatever later labels say, so that every
+version is compared on the same images; those images never enter the training split.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from quarkflow_core.datasets import MemberSpec, create_snapshot
+from quarkflow_core.errors import NotFound
+from quarkflow_core.schema import (
+    Annotation,
+    AnnotationSource,
+    DatasetMember,
+    DatasetSnapshot,
+    Feedback,
+    Image,
+    Prediction,
+    ReviewItem,
+    ReviewReason,
+    Split,
+    Verdict,
+)
+
+SEED_NAME = "seed"
+
+
+@dataclass
+class Resolution:
+    labels: dict[int, str] = field(default_factory=dict)  # image id -> label
+    source: dict[int, str] = field(default_factory=dict)  # image id -> where it came from
+    unresolved: dict[int, dict[str, int]] = field(default_factory=dict)  # image id -> votes
+    noise: set[int] = field(default_factory=set)
+
+
+def _majority(votes: Counter) -> str | None:
+    (top, n), *rest = votes.most_common()
+    return None if rest and rest[0][1] == n else top
+
+
+def resolve_labels(*, session: Session) -> Resolution:
+    """Apply the rule above to every image with any label evidence."""
+    studio: dict[int, Counter] = defaultdict(Counter)
+    seed: dict[int, str] = {}
+    for image_id, label, source in session.execute(
+        select(Annotation.image_id, Annotation.label, Annotation.source)
+    ):
+        if source == AnnotationSource.LABEL_STUDIO:
+            studio[image_id][label] += 1
+        elif source == AnnotationSource.SEED:
+            seed[image_id] = label
+        else:  # feedback copied as annotations, if any
+            studio.setdefault(image_id, Counter())
+    feedback: dict[int, Counter] = defaultdict(Counter)
+    for image_id, verdict, true_label, predicted in session.execute(
+        select(Prediction.image_id, Feedback.verdict, Feedback.true_label, Prediction.label).join(
+            Prediction, Prediction.id == Feedback.prediction_id
+        )
+    ):
+        label = predicted if verdict == Verdict.CORRECT else true_label
+        if label:
+            feedback[image_id][label] += 1
+    out = Resolution()
+    out.noise = set(
+        session.scalars(
+            select(ReviewItem.image_id).where(ReviewItem.reason == ReviewReason.LABEL_NOISE)
+        )
+    )
+    for image_id in set(studio) | set(feedback) | set(seed):
+        for name, votes in (
+            ("label_studio", studio.get(image_id)),
+            ("feedback", feedback.get(image_id)),
+        ):
+            if votes:
+                winner = _majority(votes)
+                if winner is None:
+                    out.unresolved[image_id] = dict(votes)
+                else:
+                    out.labels[image_id], out.source[image_id] = winner, name
+                break
+        else:
+            out.labels[image_id], out.source[image_id] = seed[image_id], "seed"
+    return out
+
+
+def seed_snapshot(*, session: Session) -> DatasetSnapshot:
+    snap = session.scalar(
+        select(DatasetSnapshot)
+        .where(DatasetSnapshot.name == SEED_NAME)
+        .order_by(DatasetSnapshot.id)
+        .limit(1)
+    )
+    if snap is None:
+        raise NotFound("no seed snapshot; run `quarkflow seed-demo` or import a seed data set")
+    return snap
+
+
+def build_training_snapshot(*, session: Session, name: str = "retrain") -> tuple[int, bool, dict]:
+    """Snapshot of everything labelled now (idempotent: same content, same snapshot).
+    Returns (snapshot id, created, report)."""
+    seed = seed_snapshot(session=session)
+    holdout = {
+        image_id: label
+        for image_id, label in session.execute(
+            select(DatasetMember.image_id, DatasetMember.label).where(
+                DatasetMember.snapshot_id == seed.id, DatasetMember.split == Split.HOLDOUT
+            )
+        )
+    }
+    res = resolve_labels(session=session)
+    classes = list(seed.classes)
+    shas = dict(session.execute(select(Image.id, Image.sha256)))
+    members = [MemberSpec(i, shas[i], label, Split.HOLDOUT) for i, label in holdout.items()]
+    skipped_unknown = 0
+    for image_id, label in res.labels.items():
+        if image_id in holdout or image_id in res.noise:
+            continue
+        if label not in classes:
+            skipped_unknown += 1
+            continue
+        members.append(MemberSpec(image_id, shas[image_id], label, Split.TRAIN))
+    snap, created = create_snapshot(
+        session=session,
+        name=name,
+        members=members,
+        classes=classes,
+        parent_id=seed.id,
+        notes="seed + accepted feedback + Label Studio annotations (quarkflow_core.labels)",
+    )
+    sources = Counter(res.source[m.image_id] for m in members if m.split == Split.TRAIN)
+    report = {
+        "snapshot_id": snap.id,
+        "created": created,
+        "train": sum(1 for m in members if m.split == Split.TRAIN),
+        "holdout": len(holdout),
+        "sources": dict(sources),
+        "unresolved": len(res.unresolved),
+        "label_noise": len(res.noise),
+        "unknown_labels": skipped_unknown,
+        "class_counts": snap.class_counts,
+    }
+    return snap.id, created, report
+
+
+def new_labels_since(*, session: Session, since: datetime | None = None) -> dict[str, Any]:
+    """Labels (feedback with a label, Label Studio annotations) created after ``since``
+    (default: the newest snapshot), in total and per class."""
+    if since is None:
+        since = session.scalar(select(func.max(DatasetSnapshot.created_at)))
+    per_class: Counter = Counter()
+    fb = select(Feedback.verdict, Feedback.true_label, Prediction.label).join(
+        Prediction, Prediction.id == Feedback.prediction_id
+    )
+    ann = select(Annotation.label).where(Annotation.source == AnnotationSource.LABEL_STUDIO)
+    if since is not None:
+        fb = fb.where(Feedback.created_at > since)
+        ann = ann.where(Annotation.created_at > since)
+    for verdict, true_label, predicted in session.execute(fb):
+        label = predicted if verdict == Verdict.CORRECT else true_label
+        if label:
+            per_class[label] += 1
+    for (label,) in session.execute(ann):
+        per_class[label] += 1
+    return {
+        "since": since.isoformat() if since else None,
+        "total": sum(per_class.values()),
+        "per_class": dict(per_class),
+    }
+
+
+def retrain_due(
+    counts: dict[str, Any], *, min_new_labels: int, min_per_class: int | None = None
+) -> tuple[bool, str]:
+    """Whether enough new labels have accumulated, and why (or why not)."""
+    total = counts["total"]
+    if total < min_new_labels:
+        return False, f"{total} new labels since {counts['since']}; waiting for {min_new_labels}"
+    if min_per_class:
+        short = {c: n for c, n in counts["per_class"].items() if n < min_per_class}
+        if short or not counts["per_class"]:
+            return False, f"{total} new labels, but classes below {min_per_class}: {short}"
+    return True, f"{total} new labels since {counts['since']} (threshold {min_new_labels})"

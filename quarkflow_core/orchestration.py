@@ -1,0 +1,62 @@
+"""Starting a local Prefect server when none is configured (for `quarkflow worker`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from quarkflow_core.errors import ConfigError
+
+
+@contextmanager
+def local_prefect_server(
+    api_url: str | None, *, port: int = 4200, timeout_s: float = 120.0
+) -> Iterator[str]:
+    """Yield ``api_url`` if given; else start `prefect server start` on 127.0.0.1 and stop it
+    afterwards."""
+    if api_url:
+        yield api_url
+        return
+    url = f"http://127.0.0.1:{port}/api"
+    proc = subprocess.Popen(  # noqa: S603 - fixed arguments
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ConfigError(
+                    f"QF_PREFECT_API_URL: the local Prefect server exited ({proc.returncode})"
+                )
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise ConfigError(f"QF_PREFECT_API_URL: no Prefect server answered on {url}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,229 @@
+"""The retraining pipeline's steps, each a plain function the ``retrain`` flow wraps in a task:
+snapshot -> train (+ calibrate, hold-out and k-fold evaluation) -> optional prune + recover
+-> export -> register as challenger with its comparison against the champion.
+
+Idempotent: a run is identified by a key over the snapshot's content hash and the training
+spec; when a version with that key is registered already, the flow returns it instead of
+training again. Each step writes into a fresh folder and only ``register`` touches the
+registry (atomically), so a crash at any step leaves no half-registered version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from quarkflow_core.datasets import get_snapshot
+from quarkflow_core.schema import ModelVersion, Split
+from quarkflow_core.storage import Storage
+
+
+@dataclass(frozen=True)
+class RetrainSpec:
+    architecture: str = "smallcnn"
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 3e-3
+    augment: str = "light"
+    seed: int = 0
+    device: str = "auto"
+    kfold: int = 0
+    prune_ratio: float | None = None
+    recover_epochs: int = 2
+    export: str | None = "onnx"
+
+    def train_config(self):
+        from quarkflow_core.ml.train import TrainConfig
+
+        return TrainConfig(
+            architecture=self.architecture,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            augment=self.augment,
+            seed=self.seed,
+            device=self.device,
+        )
+
+    def key(self, snapshot_hash: str) -> str:
+        text = json.dumps({"snapshot": snapshot_hash, "spec": asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def existing_candidate(*, session: Session, key: str) -> ModelVersion | None:
+    """The version a previous run with the same key registered (its candidate), if any."""
+    for row in session.scalars(select(ModelVersion).order_by(ModelVersion.version.desc())):
+        if row.manifest.get("retrain", {}).get("key") == key and row.manifest["retrain"].get(
+            "candidate"
+        ):
+            return row
+    return None
+
+
+def snapshot_key(*, session: Session, snapshot_id: int, spec: RetrainSpec) -> str:
+    return spec.key(get_snapshot(session=session, snapshot_id=snapshot_id).content_hash)
+
+
+def train_step(
+    *,
+    session: Session,
+    storage: Storage,
+    snapshot_id: int,
+    spec: RetrainSpec,
+    out_root: str | Path,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Train + calibrate + evaluate on the fixed hold-out (+ k-fold); a fresh folder per try."""
+    from quarkflow_core.training import headline, train_from_snapshot
+
+    out = Path(out_root) / f"run-{uuid.uuid4().hex[:12]}"
+    outcome = train_from_snapshot(
+        session=session,
+        storage=storage,
+        snapshot_id=snapshot_id,
+        config=spec.train_config(),
+        out_dir=out,
+        kfold=spec.kfold,
+        progress=progress,
+    )
+    return {
+        "artifact_dir": str(outcome.artifact_dir),
+        "run_id": outcome.run_id,
+        "metrics": headline(outcome.metrics),
+        "device": outcome.summary.get("device"),
+    }
+
+
+def prune_step(
+    *, session: Session, storage: Storage, artifact_dir: str, snapshot_id: int, spec: RetrainSpec
+) -> dict[str, Any]:
+    from quarkflow_core.ml.artifacts import load_artifact
+    from quarkflow_core.ml.data import load_snapshot
+    from quarkflow_core.ml.variants import prune_artifact
+
+    loaded = load_artifact(artifact_dir)
+    data = load_snapshot(
+        session=session, storage=storage, snapshot_id=snapshot_id, preset=loaded.preset
+    )
+    out = Path(artifact_dir).parent / f"{Path(artifact_dir).name}-pruned-{uuid.uuid4().hex[:6]}"
+    report, _ = prune_artifact(
+        loaded,
+        train=data[Split.TRAIN],
+        holdout=data[Split.HOLDOUT],
+        ratio=spec.prune_ratio,
+        recover_epochs=spec.recover_epochs,
+        out_dir=out,
+    )
+    return {"artifact_dir": str(out), "report": report}
+
+
+def export_step(
+    *, session: Session, storage: Storage, artifact_dir: str, snapshot_id: int, fmt: str
+) -> float:
+    """Export inside the (unregistered) artifact; parity checked on hold-out images."""
+    from quarkflow_core.ml.artifacts import load_artifact
+    from quarkflow_core.ml.variants import export_artifact
+    from quarkflow_core.training import load_holdout
+
+    loaded = load_artifact(artifact_dir)
+    if (Path(artifact_dir) / ("model.onnx" if fmt == "onnx" else "model.ts")).exists():
+        return float(loaded.manifest["exports"][fmt]["parity_max_abs_diff"])  # a retried step
+    _, holdout = load_holdout(
+        session=session, storage=storage, snapshot_id=snapshot_id, preset=loaded.preset
+    )
+    return export_artifact(loaded, fmt=fmt, images=holdout.images[:64])
+
+
+def register_step(
+    *,
+    session: Session,
+    storage: Storage,
+    key: str,
+    artifact_dir: str,
+    parent_dir: str | None,
+    actor: str,
+    cache_root: str | Path,
+    policy: Any = None,
+) -> dict[str, Any]:
+    """Register (the parent first when the candidate is a pruned variant), make the candidate
+    the challenger, and judge it against the champion. Idempotent."""
+    from quarkflow_core import registry
+    from quarkflow_core.ml.artifacts import add_files, verify_artifact
+
+    if parent_dir is not None:
+        if "retrain" not in verify_artifact(parent_dir):
+            add_files(parent_dir, [], retrain={"key": key, "candidate": False})
+        registry.register_version(
+            session=session, storage=storage, artifact_dir=parent_dir, created_by=actor
+        )
+    if "retrain" not in verify_artifact(artifact_dir):
+        add_files(artifact_dir, [], retrain={"key": key, "candidate": True})
+    row = registry.register_version(
+        session=session,
+        storage=storage,
+        artifact_dir=artifact_dir,
+        created_by=actor,
+        as_challenger=True,
+    )
+    return judge(session=session, storage=storage, row=row, cache_root=cache_root, policy=policy)
+
+
+def judge(
+    *, session: Session, storage: Storage, row: ModelVersion, cache_root: str | Path, policy=None
+) -> dict[str, Any]:
+    from quarkflow_core import registry
+
+    proposal = registry.propose(
+        session=session, storage=storage, ref=row, cache_root=cache_root, config=policy
+    )
+    comparison = proposal.evidence.get("comparison") or {}
+    return {
+        "version": row.version,
+        "sha256": row.sha256,
+        "metrics": dict(row.metrics),
+        "champion": proposal.champion.version if proposal.champion else None,
+        "policy": proposal.policy.to_dict(),
+        "accuracy_champion": comparison.get("accuracy_a"),
+        "accuracy_candidate": comparison.get("accuracy_b"),
+        "mcnemar_p": (comparison.get("mcnemar") or {}).get("p_value"),
+        "evidence_sha256": proposal.evidence_sha256,
+    }
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    """The flow's final report (a Prefect markdown artifact)."""
+    snap = result.get("snapshot", {})
+    cand = result.get("candidate", {})
+    policy = cand.get("policy", {})
+    fresh = "reused" if result.get("reused") else "new"
+    lines = [
+        f"# Retrain: candidate v{cand.get('version')} ({fresh})",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| snapshot | #{snap.get('snapshot_id')}: {snap.get('train')} train, "
+        f"{snap.get('holdout')} fixed hold-out, sources {snap.get('sources')} |",
+        f"| champion | v{cand.get('champion')} |",
+        f"| hold-out accuracy (champion -> candidate) | {cand.get('accuracy_champion')} -> "
+        f"{cand.get('accuracy_candidate')} |",
+        f"| McNemar p | {cand.get('mcnemar_p')} |",
+        f"| policy | **{policy.get('verdict')}** |",
+    ]
+    lines += [
+        f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'}: {c['detail']} |"
+        for c in policy.get("checks", [])
+    ]
+    if result.get("prune"):
+        lines.append(f"| pruning | {result['prune']} |")
+    lines += [
+        "",
+        "Approve or reject it in the workbench, the API or "
+        f"`quarkflow models approve v{cand.get('version')} --reason ...`.",
+    ]
+    return "\n".join(lines)
