@@ -129,7 +129,7 @@ def build_training_snapshot(*, session: Session, name: str = "retrain") -> tuple
     }
     res = resolve_labels(session=session)
     classes = list(seed.classes)
-    shas = dict(session.execute(select(Image.id, Image.sha256)))
+    shas = dict(session.execute(select(Image.id, Image.sha256)).tuples().all())
     members = [MemberSpec(i, shas[i], label, Split.HOLDOUT) for i, label in holdout.items()]
     skipped_unknown = 0
     for image_id, label in res.labels.items():
