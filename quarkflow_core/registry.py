@@ -49,6 +49,7 @@ from quarkflow_core.schema import (
     Role,
     TrainingRun,
     User,
+    json_safe,
     utcnow,
 )
 from quarkflow_core.storage import Storage
@@ -228,8 +229,8 @@ def register_version(
         classes=list(manifest["classes"]),
         artifact_key=storage_prefix(sha),
         sha256=sha,
-        metrics=_headline(manifest.get("metrics", {})),
-        manifest=manifest,
+        metrics=json_safe(_headline(manifest.get("metrics", {}))),
+        manifest=json_safe(manifest),
         snapshot_id=snap_id if snap_id and session.get(DatasetSnapshot, snap_id) else None,
         training_run_id=run_id if run_id and session.get(TrainingRun, run_id) else None,
         parent_version_id=parent.id if parent else None,
@@ -477,24 +478,9 @@ def compare_versions(
             "meta_b": meta_b,
         }
     )
-    report = _canonical(report)
+    report = json_safe(report)
     storage.put(key, json.dumps(report).encode(), content_type="application/json")
     return report
-
-
-def _canonical(obj: Any) -> Any:
-    """JSON-safe copy (NaN/inf -> None) that hashes the same after a database round trip."""
-
-    def clean(o: Any) -> Any:
-        if isinstance(o, float):
-            return o if o == o and o not in (float("inf"), float("-inf")) else None
-        if isinstance(o, dict):
-            return {str(k): clean(v) for k, v in o.items()}
-        if isinstance(o, list | tuple):
-            return [clean(v) for v in o]
-        return o
-
-    return json.loads(json.dumps(clean(obj), default=str))
 
 
 def evidence_sha256(evidence: dict[str, Any]) -> str:
@@ -559,7 +545,7 @@ def propose(
             alpha=config.alpha,
         )
     policy = evaluate_policy(report, config)
-    evidence = _canonical(
+    evidence = json_safe(
         {
             "candidate": summary(cand, session=session),
             "champion": None if champ is None else summary(champ, session=session),
@@ -600,7 +586,7 @@ def _event(
     evidence: dict[str, Any],
     policy_verdict: str | None = None,
 ) -> PromotionEvent:
-    evidence = _canonical(evidence)
+    evidence = json_safe(evidence)
     event = PromotionEvent(
         action=action,
         alias=alias,

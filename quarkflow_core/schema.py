@@ -89,6 +89,24 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
     )
 
 
+def json_safe(obj: Any) -> Any:
+    """A JSON-safe copy (NaN/inf -> None; tuples -> lists; other objects -> str) that Postgres
+    JSONB accepts and that hashes the same after a database round trip."""
+    import json
+    import math
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [clean(v) for v in o]
+        return o
+
+    return json.loads(json.dumps(clean(obj), default=str))
+
+
 def parse_enum(cls: type[enum.StrEnum], value: object, what: str):
     """``cls(value)``, or InvalidInput naming the valid values."""
     from quarkflow_core.errors import InvalidInput

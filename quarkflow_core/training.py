@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import get_snapshot
 from quarkflow_core.errors import NotFound
-from quarkflow_core.schema import DatasetSnapshot, RunStatus, Split, TrainingRun
+from quarkflow_core.schema import DatasetSnapshot, RunStatus, Split, TrainingRun, json_safe
 from quarkflow_core.storage import Storage
 
 
@@ -154,8 +154,8 @@ def train_from_snapshot(
             },
         )
         run.status = RunStatus.SUCCEEDED
-        run.metrics = headline(metrics)
-        run.progress = {"history": result.history}
+        run.metrics = json_safe(headline(metrics))
+        run.progress = json_safe({"history": result.history})
         run.finished_at = datetime.now(UTC)
         session.commit()
         return TrainOutcome(run.id, Path(out_dir), sha, metrics, result.summary())

@@ -223,3 +223,15 @@ def trained_artifacts(tmp_path_factory):
         )
         out[name] = folder
     return out
+
+
+# --------------------------------------------------------------------------- prefect
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every flow test (it is slow to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -82,9 +82,14 @@ class Deployment:
 
 
 def deploy(
-    database_url: str, storage_url: str, data_dir: Path, champion: Path, emulator_host=None
+    database_url: str,
+    storage_url: str,
+    data_dir: Path,
+    champion: Path | None,
+    emulator_host=None,
 ) -> Deployment:
-    """Migrate, create one user + token per role, register ``champion`` and approve it."""
+    """Migrate, create one user + token per role, register ``champion`` and approve it
+    (``None``: users and tokens only)."""
     migrations.upgrade(database_url)
     dep = Deployment(database_url, storage_url, data_dir, emulator_host)
     engine = dep.engine()
@@ -96,6 +101,8 @@ def deploy(
                 users[name] = create_user(session=s, username=name, role=role)
                 _, dep.tokens[name] = create_token(session=s, user=users[name], secret=SECRET)
             s.commit()
+            if champion is None:
+                return dep
             row = registry.register_version(
                 session=s, storage=storage, artifact_dir=champion, created_by="test"
             )

@@ -17,14 +17,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUICK = {"epochs": 2, "batch_size": 64, "augment": "none", "export": "onnx"}
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 @pytest.fixture
 def loop(prefect_harness, monkeypatch, tmp_path, trained_artifacts):
     """SQLite + local storage named by QF_* (as a worker would see them), the weak model as
