@@ -49,6 +49,7 @@ STATUS = {
     "no_model": 503,
     "database_unavailable": 503,
     "storage_error": 503,
+    "config_error": 503,
 }
 
 
@@ -484,6 +485,23 @@ def create_app(
                 to=body.to,
             )
             return decided(s, event)
+
+    # ------------------------------------------------------------------ orchestration
+
+    class RetrainIn(BaseModel):
+        epochs: int = Field(15, ge=1, le=500)
+        architecture: str = Field("smallcnn", max_length=64)
+        kfold: int = Field(0, ge=0, le=20)
+        prune_ratio: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @app.post("/api/v1/retrain", status_code=202, tags=["models"], responses=ERRORS)
+    def start_retrain(body: RetrainIn, who: Who) -> dict:
+        """Start the `retrain` deployment on the Prefect worker (role ml_lead)."""
+        from quarkflow_core.orchestration import trigger_deployment
+
+        need(who, Role.ML_LEAD, action="starting a retrain")
+        run_id = trigger_deployment(settings.prefect_api_url, parameters=body.model_dump())
+        return {"flow_run_id": run_id, "deployment": "retrain/retrain"}
 
     # ------------------------------------------------------------------ users
 

@@ -9,8 +9,7 @@ from prefect import flow
 
 from flows.common import db
 from quarkflow_core.config import get_settings
-
-RETRAIN_DEPLOYMENT = "retrain/retrain"
+from quarkflow_core.orchestration import RETRAIN_DEPLOYMENT
 
 
 @flow(name="label_trigger", log_prints=True)
@@ -30,7 +29,7 @@ def label_trigger(launch: bool = True) -> dict[str, Any]:
     if due and launch:
         from prefect.deployments import run_deployment
 
-        run = run_deployment(RETRAIN_DEPLOYMENT, timeout=0)
+        run = run_deployment(RETRAIN_DEPLOYMENT, timeout=0)  # on this flow's own server
         result["flow_run"] = str(run.id)
         print(f"started {RETRAIN_DEPLOYMENT}: flow run {run.id}")
     return result

@@ -823,10 +823,10 @@ def retrain_cmd(
         "prune_ratio": prune_ratio,
     }
     if deployment:
-        from prefect.deployments import run_deployment
+        from quarkflow_core.orchestration import trigger_deployment
 
-        run = run_deployment("retrain/retrain", parameters=params, timeout=0)
-        console.print(f"started retrain flow run {run.id}")
+        run_id = trigger_deployment(_settings().prefect_api_url, parameters=params)
+        console.print(f"started retrain flow run {run_id} on the worker")
         return
     from flows.retrain import retrain
 

@@ -60,3 +60,28 @@ def local_prefect_server(
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+RETRAIN_DEPLOYMENT = "retrain/retrain"
+
+
+def trigger_deployment(
+    api_url: str | None, name: str = RETRAIN_DEPLOYMENT, parameters: dict | None = None
+) -> str:
+    """Start a deployment's flow run on the worker (never runs it here); returns the run id."""
+    if not api_url:
+        raise ConfigError(
+            "QF_PREFECT_API_URL: no Prefect server is configured; start `quarkflow worker` "
+            "and point QF_PREFECT_API_URL at it"
+        )
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            run = run_deployment(name, parameters=parameters or {}, timeout=0)
+    except Exception as exc:
+        raise ConfigError(
+            f"QF_PREFECT_API_URL: could not start {name} on {api_url}: {exc}"
+        ) from None
+    return str(run.id)
