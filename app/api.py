@@ -18,7 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quarkflow_core import __version__
 from quarkflow_core.config import Settings, get_settings
-from quarkflow_core.errors import AuthenticationFailed, PermissionDenied, QuarkflowError
+from quarkflow_core.errors import (
+    AuthenticationFailed,
+    NotFound,
+    PermissionDenied,
+    QuarkflowError,
+)
 from quarkflow_core.schema import Role, User
 from quarkflow_core.service import ANONYMOUS, PredictionService, Principal
 
@@ -50,6 +55,10 @@ STATUS = {
     "database_unavailable": 503,
     "storage_error": 503,
     "config_error": 503,
+    "link_expired": 403,
+    "bad_signature": 403,
+    "labelstudio_error": 502,
+    "labelstudio_unavailable": 503,
 }
 
 
@@ -370,6 +379,104 @@ def create_app(
         with service.session() as s:
             total, items = queue(session=s, limit=limit, offset=offset)
         return {"total": total, "items": items}
+
+    class ResolveIn(BaseModel):
+        label: str = Field(min_length=1, max_length=128)
+
+    @app.post("/api/v1/review-queue/{item_id}/resolve", tags=["review"], responses=ERRORS)
+    def resolve_review_item(item_id: int, body: ResolveIn, who: Who) -> dict:
+        """Settle an item (e.g. a disputed one) with a label (analyst or ml_lead)."""
+        from quarkflow_core.review import project_classes, resolve_item
+
+        with service.session() as s:
+            item = resolve_item(
+                session=s,
+                item_id=item_id,
+                label=body.label,
+                user=db_user(s, who),
+                classes=project_classes(session=s),
+            )
+            s.commit()
+            return {"id": item.id, "state": item.state.value, "label": item.resolved_label}
+
+    @app.post("/api/v1/review-queue/{item_id}/dismiss", tags=["review"], responses=ERRORS)
+    def dismiss_review_item(item_id: int, who: Who) -> dict:
+        """Mark an item as label noise: left out of training (analyst or ml_lead)."""
+        from quarkflow_core.review import dismiss_as_noise
+
+        with service.session() as s:
+            item = dismiss_as_noise(session=s, item_id=item_id, user=db_user(s, who))
+            s.commit()
+            return {"id": item.id, "state": item.state.value, "reason": item.reason.value}
+
+    @app.get("/api/v1/images/{sha256}", tags=["review"], responses=ERRORS)
+    def get_image(
+        sha256: str,
+        request: Request,
+        expires: int | None = Query(None, ge=0, le=2**62),
+        sig: str | None = Query(None, max_length=128),
+    ) -> Response:
+        """An image by content hash: with a signed link (what Label Studio's tasks carry) or
+        a bearer token."""
+        from quarkflow_core.images import CONTENT_TYPES, get_image_by_sha
+        from quarkflow_core.review import check_image_signature
+
+        if sig is not None and expires is not None:
+            check_image_signature(settings.secret_key.get_secret_value(), sha256, expires, sig)
+        else:
+            principal(request)
+        with service.session() as s:
+            image = get_image_by_sha(session=s, sha256=sha256)
+            if image is None:
+                raise NotFound(f"no image with sha256 {sha256}")
+            key = image.storage_key
+        ext = key.rsplit(".", 1)[-1]
+        return Response(
+            service.storage.get(key),
+            media_type=CONTENT_TYPES.get(ext, "application/octet-stream"),
+            headers={"Cache-Control": "private, max-age=86400"},
+        )
+
+    @app.post("/api/v1/labelstudio/webhook", tags=["review"], responses=ERRORS)
+    def labelstudio_webhook(payload: dict[str, Any], request: Request) -> dict:
+        """Annotation events from Label Studio (shared-secret header). Records them, settles
+        the items, and starts `retrain` if enough new labels have accumulated. The periodic
+        labelstudio_sync flow is the fallback, so nothing depends on webhooks arriving."""
+        import hmac as _hmac
+
+        from quarkflow_core.labeling import parse_webhook
+        from quarkflow_core.review import record_annotations, webhook_secret
+
+        given = request.headers.get("x-quarkflow-webhook-secret", "")
+        if not _hmac.compare_digest(given, webhook_secret(settings)):
+            raise AuthenticationFailed("missing or wrong X-Quarkflow-Webhook-Secret header")
+        pulled = parse_webhook(payload)
+        with service.session() as s:
+            result = record_annotations(session=s, pulled=pulled)
+            s.commit()
+        result["retrain"] = maybe_trigger_retrain()
+        return {"action": payload.get("action"), **result}
+
+    def maybe_trigger_retrain() -> str | None:
+        from quarkflow_core.labels import new_labels_since, retrain_due
+        from quarkflow_core.orchestration import trigger_deployment
+
+        if not settings.prefect_api_url or settings.retrain_min_new_labels <= 0:
+            return None
+        with service.session() as s:
+            counts = new_labels_since(session=s)
+        due, _why = retrain_due(
+            counts,
+            min_new_labels=settings.retrain_min_new_labels,
+            min_per_class=settings.retrain_min_per_class,
+        )
+        if not due:
+            return None
+        try:
+            return trigger_deployment(settings.prefect_api_url)
+        except QuarkflowError as exc:  # the annotation is recorded; the trigger flow retries
+            log.warning("could not start retrain from the webhook: %s", exc.detail)
+            return None
 
     # ------------------------------------------------------------------ registry
 

@@ -10,6 +10,7 @@ from quarkflow_core.config import Settings
 
 def deployments(settings: Settings) -> list[Any]:
     from flows.batch_predict import batch_predict
+    from flows.labelstudio_sync import labelstudio_sync
     from flows.promote import promote
     from flows.retrain import retrain
     from flows.triggers import label_trigger
@@ -23,6 +24,11 @@ def deployments(settings: Settings) -> list[Any]:
         ),
         batch_predict.to_deployment(name="batch_predict"),
         promote.to_deployment(name="promote"),
+        labelstudio_sync.to_deployment(
+            name="labelstudio_sync",
+            interval=settings.labelstudio_sync_s,
+            paused=settings.labelstudio_token is None,
+        ),
         label_trigger.to_deployment(
             name="label_trigger",
             interval=settings.label_trigger_s,

@@ -838,6 +838,20 @@ def retrain_cmd(
     )
 
 
+@app.command("labelstudio-sync")
+def labelstudio_sync_cmd() -> None:
+    """Push open review items to Label Studio and pull annotations back (the flow, here)."""
+    from flows.labelstudio_sync import labelstudio_sync
+
+    result = labelstudio_sync()
+    push, pull = result["push"], result["pull"]
+    console.print(
+        f"Label Studio project {result['project_id']}: {push['pushed']} tasks pushed "
+        f"({push['recovered']} recovered); {pull['created']} annotations pulled "
+        f"({pull.get('resolved', 0)} items resolved, {pull.get('disputed', 0)} disputed)"
+    )
+
+
 # --------------------------------------------------------------------------- doctor
 
 

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
 
     labelstudio_url: str = Field("http://127.0.0.1:8080", description="Label Studio base URL.")
     labelstudio_token: SecretStr | None = Field(None, description="Label Studio API token.")
+    labelstudio_project: str = Field("Quarkflow review", description="Label Studio project title.")
+    labelstudio_sync_s: int = Field(300, ge=10, description="Periodic Label Studio sync.")
+    public_api_url: str | None = Field(
+        None, description="Address of this API as Label Studio's users reach it (image links)."
+    )
     prefect_api_url: str | None = Field(None, description="Prefect server; unset = ephemeral.")
 
     review_threshold: float = Field(

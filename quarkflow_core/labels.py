@@ -4,6 +4,8 @@ and the count behind the "enough new labels" trigger.
 Sources, strongest first (one label per image, images de-duplicated by content hash because
 ``images.sha256`` is unique):
 
+0. **A settled review item** (``resolved``: annotators agreed with each other and with any
+   feedback, or an analyst resolved it). A ``disputed`` item is left out until it is settled.
 1. **Label Studio annotations**: the majority label of the annotators.
 2. **Expert feedback** on predictions: "correct" confirms the predicted label, "wrong" with a
    true label gives that label ("wrong" without one gives none); the majority across feedback.
@@ -38,6 +40,7 @@ from quarkflow_core.schema import (
     Prediction,
     ReviewItem,
     ReviewReason,
+    ReviewState,
     Split,
     Verdict,
 )
@@ -86,7 +89,20 @@ def resolve_labels(*, session: Session) -> Resolution:
             select(ReviewItem.image_id).where(ReviewItem.reason == ReviewReason.LABEL_NOISE)
         )
     )
-    for image_id in set(studio) | set(feedback) | set(seed):
+    settled: dict[int, str | None] = {}
+    for image_id, state, resolved in session.execute(
+        select(ReviewItem.image_id, ReviewItem.state, ReviewItem.resolved_label).where(
+            ReviewItem.state.in_((ReviewState.RESOLVED, ReviewState.DISPUTED))
+        )
+    ):
+        settled[image_id] = resolved if state == ReviewState.RESOLVED else None
+    for image_id in set(studio) | set(feedback) | set(seed) | set(settled):
+        if image_id in settled:
+            if settled[image_id] is None:
+                out.unresolved[image_id] = {"disputed": 1}
+            else:
+                out.labels[image_id], out.source[image_id] = settled[image_id], "review"
+            continue
         for name, votes in (
             ("label_studio", studio.get(image_id)),
             ("feedback", feedback.get(image_id)),

@@ -9,6 +9,13 @@ PY=${PY:-.venv/bin/python}
 PG_HOST=127.0.0.1 PG_PORT=${QF_TEST_PG_PORT:-5432}
 PG_USER=quarkflow PG_PASS=quarkflow PG_DB=quarkflow_test
 GCS_PORT=${QF_TEST_GCS_PORT:-4443}
+# Label Studio 1.23.2 lives in its own venv (its pins clash with ours), cached between runs.
+LS_VERSION=1.23.2
+LS_HOME=${QF_LABELSTUDIO_HOME:-$HOME/.cache/quarkflow/label-studio-$LS_VERSION}
+LS_DATA=${QF_LABELSTUDIO_DATA:-$HOME/.cache/quarkflow/label-studio-data}
+LS_PORT=${QF_TEST_LS_PORT:-8080}
+LS_USER=qf-test@example.com LS_PASS=qf-test-password-123
+LS_TOKEN=${QF_TEST_LS_TOKEN:-0123456789abcdef0123456789abcdef01234567}
 
 log() { printf '[services] %s\n' "$*"; }
 
@@ -65,7 +72,43 @@ start_gcs() {
   log "fake-gcs-server ready on http://127.0.0.1:$GCS_PORT"
 }
 
+ensure_labelstudio() {
+  if [ -f "$LS_HOME/.qf-installed" ]; then return; fi
+  log "installing Label Studio $LS_VERSION into $LS_HOME (once; a few minutes)"
+  mkdir -p "$(dirname "$LS_HOME")"
+  ${PYTHON311:-python3.11} -m venv "$LS_HOME"
+  "$LS_HOME/bin/pip" install -q "label-studio==$LS_VERSION" >"$LS_HOME.install.log" 2>&1 \
+    || { log "Label Studio install failed; see $LS_HOME.install.log"; exit 1; }
+  touch "$LS_HOME/.qf-installed"
+}
+
+ls_up() { curl -sf "http://127.0.0.1:$LS_PORT/health" >/dev/null 2>&1; }
+
+start_labelstudio() {
+  if ls_up; then log "Label Studio already running on 127.0.0.1:$LS_PORT"; return; fi
+  ensure_labelstudio
+  log "starting Label Studio $LS_VERSION (first start ~40 s)"
+  mkdir -p "$LS_DATA"
+  SENTRY_DSN= FRONTEND_SENTRY_DSN= DJANGO_DB=sqlite LATEST_VERSION_CHECK=false \
+  COLLECT_ANALYTICS=false LABEL_STUDIO_BASE_DATA_DIR="$LS_DATA" \
+  STORAGE_EMULATOR_HOST="http://127.0.0.1:$GCS_PORT" USE_DEFAULT_BANNED_SUBNETS=false \
+  RESOLVER_PROXY_GCS_DOWNLOAD_URL="http://127.0.0.1:$GCS_PORT/download/storage/v1/b/{bucket_name}/o/{blob_name}?alt=media" \
+  nohup "$LS_HOME/bin/label-studio" start --no-browser --internal-host 127.0.0.1 \
+    --port "$LS_PORT" --username "$LS_USER" --password "$LS_PASS" --user-token "$LS_TOKEN" \
+    --enable-legacy-api-token >"$STATE/labelstudio.log" 2>&1 &
+  echo $! > "$STATE/labelstudio.pid"
+  for _ in $(seq 240); do ls_up && break; sleep 0.5; done
+  ls_up || { log "Label Studio did not come up"; tail -30 "$STATE/labelstudio.log"; exit 1; }
+  log "Label Studio ready on http://127.0.0.1:$LS_PORT"
+}
+
 stop_all() {
+  if [ -f "$STATE/labelstudio.pid" ]; then
+    pkill -P "$(cat "$STATE/labelstudio.pid")" 2>/dev/null || true
+    kill "$(cat "$STATE/labelstudio.pid")" 2>/dev/null || true
+    rm -f "$STATE/labelstudio.pid"
+    log "stopped Label Studio"
+  fi
   if [ -f "$STATE/fake-gcs.pid" ]; then
     kill "$(cat "$STATE/fake-gcs.pid")" 2>/dev/null || true
     rm -f "$STATE/fake-gcs.pid"
@@ -79,9 +122,10 @@ stop_all() {
 }
 
 case "${1:-}" in
-  start) start_postgres; start_gcs ;;
+  start) start_postgres; start_gcs; start_labelstudio ;;
   stop) stop_all ;;
   status) pg_up && log "postgres up" || log "postgres down"
-          port_open "$GCS_PORT" && log "fake-gcs up" || log "fake-gcs down" ;;
+          port_open "$GCS_PORT" && log "fake-gcs up" || log "fake-gcs down"
+          ls_up && log "Label Studio up" || log "Label Studio down" ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

@@ -6,6 +6,8 @@ trap 'scripts/services.sh stop' EXIT
 scripts/services.sh start
 export QF_TEST_POSTGRES_URL=${QF_TEST_POSTGRES_URL:-postgresql+psycopg2://quarkflow:quarkflow@127.0.0.1:5432/quarkflow_test}
 export QF_TEST_GCS_HOST=${QF_TEST_GCS_HOST:-http://127.0.0.1:4443}
+export QF_TEST_LS_URL=${QF_TEST_LS_URL:-http://127.0.0.1:8080}
+export QF_TEST_LS_TOKEN=${QF_TEST_LS_TOKEN:-0123456789abcdef0123456789abcdef01234567}
 set +e
 .venv/bin/python -m pytest -v --durations=15 "$@"
 rc=$?

@@ -16,7 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_prefect_yaml_entrypoints_exist_and_retrain_goes_to_gpu_nodes():
     spec = yaml.safe_load((ROOT / "deploy/prefect/prefect.yaml").read_text())
     names = {d["name"]: d for d in spec["deployments"]}
-    assert set(names) == {"retrain", "batch_predict", "promote", "label_trigger"}
+    assert set(names) == {
+        "retrain",
+        "batch_predict",
+        "promote",
+        "label_trigger",
+        "labelstudio_sync",
+    }
     for dep in names.values():
         path, func = dep["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))

@@ -48,10 +48,17 @@ def test_worker_serves_deployments_and_runs_retrain_on_demand(tmp_path, trained_
                 raise AssertionError((tmp_path / "worker.log").read_text()[-3000:])
             r = httpx.post(f"{api}/deployments/filter", json={}, timeout=5)
             found = {d["name"]: d for d in r.json()}
-            return found if len(found) == 4 else {}
+            return found if len(found) == 5 else {}
 
         found = wait_until(deployments, timeout=180, every=1, what="the worker's deployments")
-        assert set(found) == {"retrain", "batch_predict", "promote", "label_trigger"}
+        assert set(found) == {
+            "retrain",
+            "batch_predict",
+            "promote",
+            "label_trigger",
+            "labelstudio_sync",
+        }
+        assert found["labelstudio_sync"]["paused"] is True  # no QF_LABELSTUDIO_TOKEN here
         retrain = found["retrain"]
         assert retrain["paused"] is True  # the cron schedule exists but is off by default
         assert retrain["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"

@@ -1,0 +1,316 @@
+"""The review queue's round trip through Label Studio, and how an item is settled.
+
+* **push**: open review items become Label Studio tasks (the image URL + the model's guess as
+  a pre-annotation); the task id is stored on the item (state ``sent``), one commit per item,
+  and tasks already in the project are matched by image hash first, so an item is never sent
+  twice even after a crash between the two.
+* **pull / webhook**: annotations become ``annotations`` rows (source ``label_studio``,
+  idempotent on the annotation's id); then each touched image is **reconciled**:
+  annotators' majority W; if the annotators tie, or a person's feedback named a different
+  label than W, the item is ``disputed`` (and left out of training) until someone resolves it;
+  otherwise it is ``resolved`` with W, which becomes the image's training label.
+* **resolve / dismiss** by an analyst or ML lead (audited).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from quarkflow_core.errors import InvalidInput, NotFound
+from quarkflow_core.labeling import LabelStudio, Project, PulledAnnotation, TaskSpec
+from quarkflow_core.schema import (
+    Annotation,
+    AnnotationSource,
+    Feedback,
+    Image,
+    ModelVersion,
+    Prediction,
+    ReviewItem,
+    ReviewReason,
+    ReviewState,
+    Role,
+    User,
+    Verdict,
+)
+from quarkflow_core.users import record_audit, require_role
+
+PUSHABLE = (ReviewState.OPEN,)
+
+
+# --------------------------------------------------------------------------- image URLs
+
+
+def sign_image(secret: str, sha256: str, expires: int) -> str:
+    return hmac.new(secret.encode(), f"{sha256}:{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def signed_image_url(base_url: str, secret: str, sha256: str, ttl_s: int = 30 * 86400) -> str:
+    """A URL of the Quarkflow API that serves the image without a token until it expires."""
+    expires = int(time.time()) + ttl_s
+    sig = sign_image(secret, sha256, expires)
+    return f"{base_url.rstrip('/')}/api/v1/images/{sha256}?expires={expires}&sig={sig}"
+
+
+def check_image_signature(secret: str, sha256: str, expires: int, sig: str) -> None:
+    if expires < time.time():
+        raise InvalidInput("this image link has expired", code="link_expired")
+    if not hmac.compare_digest(sign_image(secret, sha256, expires), sig):
+        raise InvalidInput("this image link is not valid", code="bad_signature")
+
+
+def gcs_image_url(storage_url: str, image: Image) -> str:
+    """``gs://bucket/prefix/<key>`` for Label Studio's GCS import storage to resolve."""
+    return f"{storage_url.rstrip('/')}/{image.storage_key}"
+
+
+# --------------------------------------------------------------------------- push
+
+
+def push_review_items(
+    *,
+    session: Session,
+    studio: LabelStudio,
+    project: Project,
+    image_url: Callable[[Image], str],
+    limit: int = 500,
+) -> dict[str, int]:
+    """Send open review items to Label Studio (most urgent first)."""
+    rows = session.execute(
+        select(ReviewItem, Image)
+        .join(Image, Image.id == ReviewItem.image_id)
+        .where(ReviewItem.state.in_(PUSHABLE), ReviewItem.external_task_id.is_(None))
+        .order_by(ReviewItem.priority.desc(), ReviewItem.id)
+        .limit(limit)
+    ).all()
+    if not rows:
+        return {"pushed": 0, "recovered": 0}
+    existing = studio.existing_tasks(project)
+    pushed = recovered = 0
+    for item, image in rows:
+        task_id = existing.get(image.sha256)
+        if task_id is None:
+            pred = session.get(Prediction, item.prediction_id) if item.prediction_id else None
+            version = (
+                session.get(ModelVersion, pred.model_version_id)
+                if pred and pred.model_version_id
+                else None
+            )
+            task_id = studio.create_task(
+                project,
+                TaskSpec(
+                    image_sha256=image.sha256,
+                    image_url=image_url(image),
+                    predicted_label=pred.label if pred else None,
+                    score=pred.confidence if pred else None,
+                    model_version=f"v{version.version}" if version else None,
+                ),
+            )
+            pushed += 1
+        else:
+            recovered += 1
+        item.external_task_id = str(task_id)
+        item.state = ReviewState.SENT
+        session.commit()
+    return {"pushed": pushed, "recovered": recovered}
+
+
+# --------------------------------------------------------------------------- pull
+
+
+def record_annotations(*, session: Session, pulled: list[PulledAnnotation]) -> dict[str, Any]:
+    """Store annotations (idempotent) and reconcile every image they touch."""
+    created = updated = unknown = 0
+    touched: set[int] = set()
+    for p in pulled:
+        image = session.scalar(select(Image).where(Image.sha256 == p.image_sha256))
+        if image is None:
+            unknown += 1
+            continue
+        row = session.scalar(
+            select(Annotation).where(
+                Annotation.source == AnnotationSource.LABEL_STUDIO,
+                Annotation.external_id == p.external_id,
+            )
+        )
+        if row is None:
+            session.add(
+                Annotation(
+                    image_id=image.id,
+                    label=p.label,
+                    source=AnnotationSource.LABEL_STUDIO,
+                    annotator=p.annotator,
+                    external_id=p.external_id,
+                    external_task_id=str(p.task_id),
+                )
+            )
+            created += 1
+        elif row.label != p.label:  # the annotator changed their answer
+            row.label = p.label
+            updated += 1
+        else:
+            continue
+        touched.add(image.id)
+    session.flush()
+    states = Counter(reconcile(session=session, image_id=i).value for i in sorted(touched))
+    return {"created": created, "updated": updated, "unknown_images": unknown, **states}
+
+
+def reconcile(*, session: Session, image_id: int) -> ReviewState:
+    """Settle one image from its annotations and feedback (see the module docstring)."""
+    votes = Counter(
+        session.scalars(
+            select(Annotation.label).where(
+                Annotation.image_id == image_id, Annotation.source == AnnotationSource.LABEL_STUDIO
+            )
+        )
+    )
+    feedback_labels = {
+        label
+        for verdict, true_label, predicted in session.execute(
+            select(Feedback.verdict, Feedback.true_label, Prediction.label)
+            .join(Prediction, Prediction.id == Feedback.prediction_id)
+            .where(Prediction.image_id == image_id)
+        )
+        for label in [predicted if verdict == Verdict.CORRECT else true_label]
+        if label
+    }
+    item = session.scalar(select(ReviewItem).where(ReviewItem.image_id == image_id))
+    if item is None:
+        item = ReviewItem(image_id=image_id, reason=ReviewReason.SAMPLED, priority=0.0)
+        session.add(item)
+    if item.state == ReviewState.DISMISSED:
+        return item.state
+    ranked = votes.most_common()
+    tie = len(ranked) > 1 and ranked[0][1] == ranked[1][1]
+    winner = ranked[0][0] if ranked and not tie else None
+    if winner is None or (feedback_labels and feedback_labels != {winner}):
+        item.state = ReviewState.DISPUTED
+        item.resolved_label = None
+    else:
+        item.state = ReviewState.RESOLVED
+        item.resolved_label = winner
+    session.flush()
+    return item.state
+
+
+def sync(
+    *,
+    session: Session,
+    studio: LabelStudio,
+    project: Project,
+    image_url: Callable[[Image], str],
+) -> dict[str, Any]:
+    """Push open items, then pull every annotation: the periodic fallback for webhooks."""
+    pushed = push_review_items(session=session, studio=studio, project=project, image_url=image_url)
+    pulled = record_annotations(session=session, pulled=studio.annotations(project))
+    session.commit()
+    return {"push": pushed, "pull": pulled}
+
+
+# --------------------------------------------------------------------------- people
+
+
+def resolve_item(*, session: Session, item_id: int, label: str, user: User, classes: list[str]):
+    """An analyst or ML lead settles an item (disputed or not) with a label."""
+    require_role(
+        session=session, user=user, allowed={Role.ANALYST, Role.ML_LEAD}, action="review.resolve"
+    )
+    item = session.get(ReviewItem, item_id)
+    if item is None:
+        raise NotFound(f"no review item {item_id}")
+    if label not in classes:
+        raise InvalidInput(f"unknown label {label!r}; valid labels: {', '.join(classes)}")
+    item.state, item.resolved_label = ReviewState.RESOLVED, label
+    record_audit(
+        session=session,
+        actor=user,
+        action="review.resolve",
+        outcome="ok",
+        target_type="review_item",
+        target_id=item_id,
+        detail={"label": label},
+    )
+    session.flush()
+    return item
+
+
+def dismiss_as_noise(*, session: Session, item_id: int, user: User):
+    """Mark an item as label noise: it is left out of training."""
+    require_role(
+        session=session, user=user, allowed={Role.ANALYST, Role.ML_LEAD}, action="review.dismiss"
+    )
+    item = session.get(ReviewItem, item_id)
+    if item is None:
+        raise NotFound(f"no review item {item_id}")
+    item.state, item.reason, item.resolved_label = (
+        ReviewState.DISMISSED,
+        ReviewReason.LABEL_NOISE,
+        None,
+    )
+    record_audit(
+        session=session,
+        actor=user,
+        action="review.dismiss",
+        outcome="ok",
+        target_type="review_item",
+        target_id=item_id,
+    )
+    session.flush()
+    return item
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def studio_from_settings(settings: Any) -> LabelStudio:
+    token = settings.labelstudio_token.get_secret_value() if settings.labelstudio_token else ""
+    if not token:
+        raise InvalidInput("QF_LABELSTUDIO_TOKEN is not set: the Label Studio API token")
+    return LabelStudio(settings.labelstudio_url, token)
+
+
+def webhook_secret(settings: Any) -> str:
+    """The shared secret Label Studio sends with each webhook (derived from QF_SECRET_KEY)."""
+    key = settings.secret_key.get_secret_value().encode()
+    return hmac.new(key, b"labelstudio-webhook", hashlib.sha256).hexdigest()[:32]
+
+
+def image_url_builder(settings: Any) -> Callable[[Image], str]:
+    """gs:// URLs (resolved by Label Studio's GCS storage) when storage is GCS, else signed
+    links to the Quarkflow API."""
+    if settings.storage_url.startswith("gs://"):
+        return lambda image: gcs_image_url(settings.storage_url, image)
+    base = settings.public_api_url or settings.api_url or "http://127.0.0.1:8000"
+    secret = settings.secret_key.get_secret_value()
+    return lambda image: signed_image_url(base, secret, image.sha256)
+
+
+def project_classes(*, session: Session) -> list[str]:
+    from quarkflow_core import registry
+    from quarkflow_core.labels import seed_snapshot
+
+    champ = registry.alias_of(session=session, alias=registry.CHAMPION)
+    return list(champ.classes) if champ else list(seed_snapshot(session=session).classes)
+
+
+def sync_from_settings(*, session: Session, settings: Any) -> dict[str, Any]:
+    """One sync round with the configured Label Studio (the labelstudio_sync flow's body)."""
+    studio = studio_from_settings(settings)
+    project = studio.ensure_project(settings.labelstudio_project, project_classes(session=session))
+    if settings.storage_url.startswith("gs://"):
+        bucket, _, prefix = settings.storage_url.removeprefix("gs://").partition("/")
+        studio.ensure_gcs_source(
+            project, bucket, prefix, emulator=bool(settings.storage_emulator_host)
+        )
+    result = sync(
+        session=session, studio=studio, project=project, image_url=image_url_builder(settings)
+    )
+    return {"project_id": project.id, **result}
