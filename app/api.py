@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -287,6 +288,7 @@ def create_app(
         )
 
     Who = Annotated[Principal, Depends(principal)]
+    ItemId = Annotated[int, FastApiPath(ge=1, le=2**31 - 1)]
 
     def need(who: Principal, *roles: Role, action: str) -> None:
         if not who.has(*roles):
@@ -384,7 +386,7 @@ def create_app(
         label: str = Field(min_length=1, max_length=128)
 
     @app.post("/api/v1/review-queue/{item_id}/resolve", tags=["review"], responses=ERRORS)
-    def resolve_review_item(item_id: int, body: ResolveIn, who: Who) -> dict:
+    def resolve_review_item(item_id: ItemId, body: ResolveIn, who: Who) -> dict:
         """Settle an item (e.g. a disputed one) with a label (analyst or ml_lead)."""
         from quarkflow_core.review import project_classes, resolve_item
 
@@ -400,7 +402,7 @@ def create_app(
             return {"id": item.id, "state": item.state.value, "label": item.resolved_label}
 
     @app.post("/api/v1/review-queue/{item_id}/dismiss", tags=["review"], responses=ERRORS)
-    def dismiss_review_item(item_id: int, who: Who) -> dict:
+    def dismiss_review_item(item_id: ItemId, who: Who) -> dict:
         """Mark an item as label noise: left out of training (analyst or ml_lead)."""
         from quarkflow_core.review import dismiss_as_noise
 
@@ -448,7 +450,7 @@ def create_app(
         from quarkflow_core.review import record_annotations, webhook_secret
 
         given = request.headers.get("x-quarkflow-webhook-secret", "")
-        if not _hmac.compare_digest(given, webhook_secret(settings)):
+        if not _hmac.compare_digest(given.encode(), webhook_secret(settings).encode()):
             raise AuthenticationFailed("missing or wrong X-Quarkflow-Webhook-Secret header")
         pulled = parse_webhook(payload)
         with service.session() as s:

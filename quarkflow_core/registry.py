@@ -80,7 +80,7 @@ def get_version(*, session: Session, ref: str | int) -> ModelVersion:
             raise NotFound(f"there is no {text_ref} yet")
         return session.get(ModelVersion, alias.version_id)
     number = text_ref[1:] if text_ref.startswith("v") else text_ref
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()) or len(number) > 9:
         raise InvalidInput(f"{ref!r} is not a version: use 3, v3, champion or challenger")
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == int(number)))
     if row is None:

@@ -62,7 +62,7 @@ def signed_image_url(base_url: str, secret: str, sha256: str, ttl_s: int = 30 * 
 def check_image_signature(secret: str, sha256: str, expires: int, sig: str) -> None:
     if expires < time.time():
         raise InvalidInput("this image link has expired", code="link_expired")
-    if not hmac.compare_digest(sign_image(secret, sha256, expires), sig):
+    if not hmac.compare_digest(sign_image(secret, sha256, expires).encode(), sig.encode()):
         raise InvalidInput("this image link is not valid", code="bad_signature")
 
 

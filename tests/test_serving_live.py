@@ -250,6 +250,9 @@ def test_schemathesis_finds_no_server_errors(tmp_path, trained_artifacts):
                     f"Authorization: Bearer {dep.tokens[who]}",
                     "--request-timeout",
                     "30",
+                    # answers 503 by design without a Prefect server; test_worker covers it
+                    "--exclude-path",
+                    "/api/v1/retrain",
                 ],
                 capture_output=True,
                 text=True,
