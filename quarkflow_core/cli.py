@@ -782,6 +782,41 @@ def serve(
         uvicorn.run(create_app(settings, host=host), host=host, port=port, log_level="warning")
 
 
+@app.command("workbench")
+def workbench(
+    port: int = typer.Option(8501),
+    host: str = typer.Option("127.0.0.1", help="Bind address (0.0.0.0 for a server)."),
+) -> None:
+    """Run the Streamlit workbench (sign in with a Quarkflow user)."""
+    import subprocess
+
+    import app as app_pkg
+    from quarkflow_core.database import check_database, get_engine
+
+    check_database(get_engine(_settings().database_url))
+    script = Path(app_pkg.__file__).resolve().parent / "workbench.py"
+    console.print(f"Quarkflow workbench on http://{host}:{port}")
+    raise typer.Exit(
+        subprocess.call(  # noqa: S603 - our own script, fixed arguments
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                str(script),
+                "--server.port",
+                str(port),
+                "--server.address",
+                host,
+                "--server.headless",
+                "true",
+                "--browser.gatherUsageStats",
+                "false",
+            ]
+        )
+    )
+
+
 # --------------------------------------------------------------------------- flows
 
 

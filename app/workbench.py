@@ -1,0 +1,65 @@
+"""The Streamlit workbench: `quarkflow workbench --port 8501`. Sign in with a Quarkflow user;
+each role sees the pages it may use. Pages are thin: they call quarkflow_core and render."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run app/workbench.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from app import wb  # noqa: E402
+from quarkflow_core.errors import AuthenticationFailed  # noqa: E402
+from quarkflow_core.schema import Role  # noqa: E402
+
+st.set_page_config(page_title="Quarkflow workbench", layout="wide")
+
+
+def sign_in() -> None:
+    st.title("Quarkflow workbench")
+    with st.form("sign-in"):
+        username = st.text_input("User name")
+        password = st.text_input("Password", type="password")
+        submitted = st.form_submit_button("Sign in")
+    if submitted:
+        from quarkflow_core.users import authenticate_password
+
+        try:
+            with wb.session() as s:
+                u = authenticate_password(session=s, username=username, password=password)
+                st.session_state["user"] = {"username": u.username, "role": u.role.value}
+            st.rerun()
+        except AuthenticationFailed as exc:
+            st.error(f"{exc.detail}. Ask an admin for an account (`quarkflow users create`).")
+
+
+def page(name: str, title: str, icon: str) -> st.Page:
+    return st.Page(str(ROOT / "pages" / f"{name}.py"), title=title, icon=icon, url_path=name)
+
+
+user = wb.user()
+if user is None:
+    st.navigation([st.Page(sign_in, title="Sign in", icon="🔑")], position="hidden").run()
+else:
+    pages = [
+        page("overview", "Overview", "📈"),
+        page("predictions", "Predictions", "🖼️"),
+    ]
+    if wb.has_role(Role.ANALYST, Role.ML_LEAD):
+        pages += [
+            page("review", "Review queue", "📝"),
+            page("datasets", "Datasets", "🗂️"),
+            page("training", "Training runs", "🏋️"),
+            page("compare", "Model comparison", "⚖️"),
+        ]
+    pages.append(page("promotions", "Promotions", "🚀"))
+    with st.sidebar:
+        st.caption(f"Signed in as **{user['username']}** ({user['role']})")
+        if st.button("Sign out"):
+            st.session_state.pop("user")
+            st.rerun()
+    st.navigation(pages).run()

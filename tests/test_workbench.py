@@ -1,0 +1,107 @@
+"""Every workbench page renders for every role (Streamlit AppTest), with real data: a champion,
+a challenger, predictions, feedback, a review queue and training runs."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from serving_helpers import deploy, wait_until
+from sqlalchemy.orm import Session
+from streamlit.testing.v1 import AppTest
+
+from app.api import create_app
+from quarkflow_core import registry
+from quarkflow_core.config import get_settings
+from quarkflow_core.demo import demo_pngs, seed_demo
+
+pytestmark = pytest.mark.integration
+PAGES = ["overview", "predictions", "review", "datasets", "training", "compare", "promotions"]
+VISIBLE = {
+    "domain_expert": {"overview", "predictions", "promotions"},
+    "analyst": set(PAGES),
+    "ml_lead": set(PAGES),
+}
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory, trained_artifacts):
+    """A deployment with traffic, feedback, a review queue and a challenger."""
+    tmp = tmp_path_factory.mktemp("wb")
+    dep = deploy(
+        f"sqlite:///{tmp}/qf.db", f"file://{tmp}/store", tmp / "qf", trained_artifacts["weak"]
+    )
+    engine = dep.engine()
+    with Session(engine, expire_on_commit=False) as s:
+        seed_demo(session=s, storage=dep.storage(), limit=600)
+        s.commit()
+        registry.register_version(
+            session=s,
+            storage=dep.storage(),
+            artifact_dir=trained_artifacts["strong"],
+            created_by="t",
+            as_challenger=True,
+        )
+    app = create_app(dep.settings(review_threshold=0.9), with_demo=False, watch=False)
+    pngs, labels = demo_pngs(640)
+    with TestClient(app) as client:
+        for i in range(600, 640):
+            r = client.post(
+                "/api/v1/predictions",
+                files={"file": ("x.png", pngs[i], "image/png")},
+                headers=dep.auth("expert"),
+            )
+            verdict = "correct" if r.json()["label"] == labels[i] else "wrong"
+            client.post(
+                f"/api/v1/predictions/{r.json()['id']}/feedback",
+                json={"verdict": verdict, "true_label": labels[i]},
+                headers=dep.auth("expert"),
+            )
+        wait_until(
+            lambda: client.get("/readyz").json()["checks"]["outbox"]["depth"] == 0, what="flush"
+        )
+    engine.dispose()
+    return dep
+
+
+def _app(dep, monkeypatch, role: str | None) -> AppTest:
+    for key, value in {
+        "QF_DATABASE_URL": dep.database_url,
+        "QF_STORAGE_URL": dep.storage_url,
+        "QF_DATA_DIR": str(dep.data_dir),
+    }.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    at = AppTest.from_file("../app/workbench.py", default_timeout=120)
+    if role is not None:
+        name = {"domain_expert": "expert", "analyst": "analyst", "ml_lead": "lead"}[role]
+        at.session_state["user"] = {"username": name, "role": role}
+    return at
+
+
+def test_sign_in_form_and_wrong_password(filled, monkeypatch):
+    at = _app(filled, monkeypatch, None).run()
+    assert not at.exception
+    at.text_input[0].input("lead")
+    at.text_input[1].input("wrong-password")
+    at.button[0].click().run()
+    assert any("wrong username or password" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("role", sorted(VISIBLE))
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_for_every_role(filled, monkeypatch, role, page):
+    at = _app(filled, monkeypatch, role).run()
+    assert not at.exception, at.exception
+    if page not in VISIBLE[role]:
+        with pytest.raises(ValueError):
+            at.switch_page(f"../pages/{page}.py").run()
+        return
+    at.switch_page(f"../pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert at.title[0].value
+    buttons = {b.label for b in at.button}
+    if page == "promotions":
+        assert ("Approve" in buttons) == (role == "ml_lead")
+        if role != "ml_lead":
+            assert any("Read-only" in i.value for i in at.info)
