@@ -43,20 +43,20 @@ def page(name: str, title: str, icon: str) -> st.Page:
 
 user = wb.user()
 if user is None:
-    st.navigation([st.Page(sign_in, title="Sign in", icon="🔑")], position="hidden").run()
+    st.navigation([st.Page(sign_in, title="Sign in", icon=":material/login:")], position="hidden").run()
 else:
     pages = [
-        page("overview", "Overview", "📈"),
-        page("predictions", "Predictions", "🖼️"),
+        page("overview", "Overview", ":material/monitoring:"),
+        page("predictions", "Predictions", ":material/image:"),
     ]
     if wb.has_role(Role.ANALYST, Role.ML_LEAD):
         pages += [
-            page("review", "Review queue", "📝"),
-            page("datasets", "Datasets", "🗂️"),
-            page("training", "Training runs", "🏋️"),
-            page("compare", "Model comparison", "⚖️"),
+            page("review", "Review queue", ":material/rate_review:"),
+            page("datasets", "Datasets", ":material/dataset:"),
+            page("training", "Training runs", ":material/model_training:"),
+            page("compare", "Model comparison", ":material/compare:"),
         ]
-    pages.append(page("promotions", "Promotions", "🚀"))
+    pages.append(page("promotions", "Promotions", ":material/rocket_launch:"))
     with st.sidebar:
         st.caption(f"Signed in as **{user['username']}** ({user['role']})")
         if st.button("Sign out"):
