@@ -43,7 +43,8 @@ def page(name: str, title: str, icon: str) -> st.Page:
 
 user = wb.user()
 if user is None:
-    st.navigation([st.Page(sign_in, title="Sign in", icon=":material/login:")], position="hidden").run()
+    login = st.Page(sign_in, title="Sign in", icon=":material/login:")
+    st.navigation([login], position="hidden").run()
 else:
     pages = [
         page("overview", "Overview", ":material/monitoring:"),

@@ -1,7 +1,8 @@
 """The workbench in a real browser (Debian Chromium driven by Playwright): an ML lead signs
 in, opens the comparison, approves the challenger with a reason, and the champion changes in
 the database and in the API's served version; an analyst sees no Approve button. Screenshots
-of every page land in the test's folder (and in docs/screenshots with QF_TEST_UPDATE_SCREENSHOTS=1)."""
+of every page land in the test's folder (and in docs/screenshots with
+QF_TEST_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
