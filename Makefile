@@ -23,6 +23,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 DEMO_MODEL := .quarkflow/artifacts/demo-smallcnn
 PORT ?= 8000
+WB_PORT ?= 8501
 
 demo: install  ## embedded default: SQLite + ./.quarkflow folder
 	$(BIN)/quarkflow db upgrade
@@ -32,8 +33,11 @@ demo: install  ## embedded default: SQLite + ./.quarkflow folder
 	$(BIN)/quarkflow demo-bootstrap $(DEMO_MODEL)
 	@echo
 	@echo "Demo data and a trained, calibrated, ONNX-exported champion model are in .quarkflow/."
-	@echo "Open http://127.0.0.1:$(PORT)/demo (Gradio) or http://127.0.0.1:$(PORT)/docs (API). Ctrl-C stops."
-	exec $(BIN)/quarkflow serve --host 127.0.0.1 --port $(PORT)
+	@echo "Workbench: http://127.0.0.1:$(WB_PORT) (sign in as demo-lead / quarkflow-demo)"
+	@echo "Demo:      http://127.0.0.1:$(PORT)/demo   API docs: http://127.0.0.1:$(PORT)/docs   Ctrl-C stops both."
+	$(BIN)/quarkflow workbench --host 127.0.0.1 --port $(WB_PORT) & wb=$$!; \
+	trap 'kill $$wb 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/quarkflow serve --host 127.0.0.1 --port $(PORT)
 
 test: install  ## starts Postgres + fake-gcs-server if needed, runs everything, stops them
 	scripts/test.sh $(PYTEST_ARGS)

@@ -37,7 +37,8 @@ def seed_sql(n_predictions: int, n_feedback: int, v1: int, v2: int) -> list[str]
                    CASE WHEN i % 3 = 0 THEN {v1} ELSE {v2} END,
                    ((i * 7) % 10)::text,
                    0.3 + 0.7 * random(),
-                   '[]'::jsonb,
+                   jsonb_build_array(jsonb_build_object('label', ((i * 7) % 10)::text,
+                                                        'confidence', 0.9)),
                    3 + 20 * random() * random(),
                    now() - random() * interval '30 days'
             FROM generate_series(1, {n_predictions}) AS i""",

@@ -34,18 +34,21 @@ def body() -> None:
     with wb.session() as s:
         detail = prediction_dict(s, get_prediction(session=s, prediction_id=chosen))
     left, right = st.columns(2)
-    topk = pd.DataFrame(detail["topk"])
-    left.plotly_chart(
-        px.bar(
-            topk,
-            x="confidence",
-            y="label",
-            orientation="h",
-            title="Top-k (calibrated)",
-            range_x=[0, 1],
-        ),
-        use_container_width=True,
-    )
+    topk = pd.DataFrame(detail["topk"], columns=["label", "confidence"])
+    if topk.empty:
+        left.caption("No top-k was recorded for this prediction.")
+    else:
+        left.plotly_chart(
+            px.bar(
+                topk,
+                x="confidence",
+                y="label",
+                orientation="h",
+                title="Top-k (calibrated)",
+                range_x=[0, 1],
+            ),
+            use_container_width=True,
+        )
     right.write(
         {
             k: detail[k]
