@@ -97,7 +97,7 @@ def body() -> None:
             barmode="group",
             title="Per-class deltas (B - A)",
         ),
-        use_container_width=True,
+        width="stretch",
     )
     ca, cb = np.array(rep["confusion_a"]), np.array(rep["confusion_b"])
     classes = list(rep["per_class"])
@@ -117,7 +117,7 @@ def body() -> None:
                 labels={"x": "predicted", "y": "true"},
                 color_continuous_scale="RdBu" if "difference" in title else "Blues",
             ),
-            use_container_width=True,
+            width="stretch",
         )
     rel = go.Figure()
     for key, name in (("reliability_a", f"v{a}"), ("reliability_b", f"v{b}")):
@@ -138,7 +138,7 @@ def body() -> None:
         rel.update_layout(
             title="Reliability diagram", xaxis_title="confidence", yaxis_title="accuracy"
         ),
-        use_container_width=True,
+        width="stretch",
     )
     trade = pd.DataFrame(
         [
@@ -162,7 +162,7 @@ def body() -> None:
             text="version",
             title="Size / latency / accuracy (all versions, pruned variants marked)",
         ),
-        use_container_width=True,
+        width="stretch",
     )
     dis = rep["disagreements"][:12]
     st.caption(f"{len(rep['disagreements'])} hold-out images where the two disagree")

@@ -35,12 +35,12 @@ def body() -> None:
     left, right = st.columns(2)
     left.plotly_chart(
         px.bar(df, x="label", y="count", color="split", barmode="group", title="Images per class"),
-        use_container_width=True,
+        width="stretch",
     )
     since = f"since snapshot #{diff['previous']}" if diff["previous"] else "(first snapshot)"
     right.plotly_chart(
         px.bar(df, x="label", y="change", color="split", barmode="group", title=f"Change {since}"),
-        use_container_width=True,
+        width="stretch",
     )
     store = wb.storage()
     cols = st.columns(12)

@@ -24,16 +24,23 @@ def body() -> None:
     cols[1].metric("Feedback", f"{ov['feedback']:,}")
     cols[2].metric("Live accuracy", "–" if acc is None else f"{acc:.1%}")
     cols[3].metric(
-        "Latency p50 / p95",
-        "–" if lat["p50"] is None else f"{lat['p50']:.1f} / {lat['p95']:.1f} ms",
+        "Latency p50 / p95 (ms)",
+        "–" if lat["p50"] is None else f"{lat['p50']:.0f} / {lat['p95']:.0f}",
     )
     cols[4].metric("Latency p99", "–" if lat["p99"] is None else f"{lat['p99']:.1f} ms")
     cols[5].metric(
-        "Review queue",
+        f"Review queue ({queue['disputed']} disputed)",
         f"{queue['open'] + queue['sent'] + queue['disputed']:,}",
-        f"{queue['disputed']} disputed",
-        delta_color="off",
     )
+    api = analytics.api_request_counts(wb.settings().api_url)
+    if api is None:
+        st.caption("Request outcomes: the API's /metrics is not reachable (QF_API_URL).")
+    else:
+        st.caption(
+            f"API requests since it started: {api['success']:,} succeeded, "
+            f"{api['client_error']:,} refused (4xx: bad uploads, auth), "
+            f"{api['server_error']:,} failed (5xx)"
+        )
     if not ov["series"]:
         st.info("No predictions in this range yet: send some through the demo (/demo) or the API.")
         return
@@ -41,11 +48,11 @@ def body() -> None:
     left, right = st.columns(2)
     left.plotly_chart(
         px.bar(series, x="bucket", y="predictions", title="Predictions (throughput)"),
-        use_container_width=True,
+        width="stretch",
     )
     right.plotly_chart(
         px.line(series, x="bucket", y="mean_latency_ms", markers=True, title="Mean latency (ms)"),
-        use_container_width=True,
+        width="stretch",
     )
     left, right = st.columns(2)
     if ov["accuracy_series"]:
@@ -59,7 +66,7 @@ def body() -> None:
                 title="Live accuracy from feedback",
                 range_y=[0, 1],
             ),
-            use_container_width=True,
+            width="stretch",
         )
     else:
         left.info("No feedback in this range: live accuracy needs experts' verdicts.")
@@ -75,7 +82,7 @@ def body() -> None:
                 nbinsy=10,
                 title="Confidence distribution over time",
             ),
-            use_container_width=True,
+            width="stretch",
         )
     if dr["version"] is not None:
         d = pd.DataFrame(
@@ -99,7 +106,7 @@ def body() -> None:
                 title=f"Predicted classes vs v{dr['version']}'s training data: "
                 f"PSI {psi}, Jensen-Shannon {js}",
             ),
-            use_container_width=True,
+            width="stretch",
         )
         st.caption(
             "PSI above 0.2 usually means the traffic no longer looks like the training data."

@@ -47,7 +47,7 @@ def body() -> None:
                 title="Top-k (calibrated)",
                 range_x=[0, 1],
             ),
-            use_container_width=True,
+            width="stretch",
         )
     right.write(
         {

@@ -48,12 +48,12 @@ def body() -> None:
         left, right = st.columns(2)
         left.plotly_chart(
             px.line(loss, x="epoch", y="loss", color="curve", markers=True, title="Loss"),
-            use_container_width=True,
+            width="stretch",
         )
         if "val_accuracy" in h:
             right.plotly_chart(
                 px.line(h, x="epoch", y="val_accuracy", markers=True, title="Validation accuracy"),
-                use_container_width=True,
+                width="stretch",
             )
         if run["status"] == "running":
             st.progress(

@@ -49,14 +49,19 @@ class Filters:
 
 
 def _bucket(session: Session, column: Any, bucket: str) -> Any:
+    """A GROUP BY key per time bucket: ``date_trunc`` on Postgres (cheap, index-friendly),
+    ``strftime`` on SQLite. ``_label`` turns either into the same display string."""
     if bucket not in BUCKETS:
         raise ValueError(f"bucket must be one of {sorted(BUCKETS)}")
     if session.get_bind().dialect.name == "postgresql":
-        return func.to_char(
-            func.date_trunc(bucket, column),
-            "YYYY-MM-DD HH24:00" if bucket == "hour" else "YYYY-MM-DD",
-        )
+        return func.date_trunc(bucket, column)
     return func.strftime(BUCKETS[bucket], column)
+
+
+def _label(value: Any, bucket: str) -> str:
+    if isinstance(value, datetime):
+        return value.strftime(BUCKETS[bucket])
+    return str(value)
 
 
 def _percentiles(
@@ -105,14 +110,6 @@ def overview(*, session: Session, filters: Filters, bucket: str = "hour") -> dic
         .group_by(b)
         .order_by(b)
     ).all()
-    fb = session.execute(
-        select(
-            func.count().label("n"),
-            func.sum(case((Feedback.verdict == Verdict.CORRECT, 1), else_=0)).label("correct"),
-        )
-        .join(Prediction, Prediction.id == Feedback.prediction_id)
-        .where(*conds)
-    ).one()
     fb_b = _bucket(session, Feedback.created_at, bucket).label("bucket")
     fb_series = session.execute(
         select(
@@ -133,14 +130,16 @@ def overview(*, session: Session, filters: Filters, bucket: str = "hour") -> dic
         .all()
     )
     total = sum(r.predictions for r in series)
+    fb_n = sum(r.n for r in fb_series)
+    fb_correct = sum(r.correct or 0 for r in fb_series)
     return {
         "predictions": total,
-        "feedback": fb.n,
-        "live_accuracy": (fb.correct / fb.n) if fb.n else None,
+        "feedback": fb_n,
+        "live_accuracy": (fb_correct / fb_n) if fb_n else None,
         "latency_ms": _percentiles(session, conds),
         "series": [
             {
-                "bucket": r.bucket,
+                "bucket": _label(r.bucket, bucket),
                 "predictions": r.predictions,
                 "mean_confidence": float(r.mean_confidence or 0),
                 "mean_latency_ms": float(r.mean_latency_ms or 0),
@@ -148,7 +147,11 @@ def overview(*, session: Session, filters: Filters, bucket: str = "hour") -> dic
             for r in series
         ],
         "accuracy_series": [
-            {"bucket": r.bucket, "feedback": r.n, "accuracy": (r.correct / r.n) if r.n else None}
+            {
+                "bucket": _label(r.bucket, bucket),
+                "feedback": r.n,
+                "accuracy": (r.correct / r.n) if r.n else None,
+            }
             for r in fb_series
         ],
         "review_queue": {
@@ -176,7 +179,7 @@ def confidence_histogram(
     ).all()
     out: dict[tuple[str, int], int] = {}
     for bucket_, bin_, n in rows:
-        key = (bucket_, min(int(bin_), bins - 1))  # confidence 1.0 joins the top bin
+        key = (_label(bucket_, bucket), min(int(bin_), bins - 1))  # 1.0 joins the top bin
         out[key] = out.get(key, 0) + int(n)
     return [{"bucket": k[0], "bin": k[1] / bins, "count": n} for k, n in sorted(out.items())]
 
@@ -341,3 +344,30 @@ def snapshot_diff(*, session: Session, snapshot_id: int) -> dict[str, Any]:
         "previous": prev.id if prev else None,
         "rows": rows,
     }
+
+
+def api_request_counts(api_url: str | None, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """Requests by outcome since the API process started, from its Prometheus /metrics (the
+    rejected and failed ones never reach the database). None when the API is unreachable."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if not api_url:
+        return None
+    try:
+        text = httpx.get(api_url.rstrip("/") + "/metrics", timeout=timeout_s).text
+    except httpx.HTTPError:
+        return None
+    out = {"success": 0, "client_error": 0, "server_error": 0, "by_route": {}}
+    for family in text_string_to_metric_families(text):
+        if family.name != "qf_http_requests":
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            status = int(sample.labels.get("status", "0"))
+            kind = "success" if status < 400 else "client_error" if status < 500 else "server_error"
+            out[kind] += int(sample.value)
+            route = sample.labels.get("route", "?")
+            out["by_route"][route] = out["by_route"].get(route, 0) + int(sample.value)
+    return out

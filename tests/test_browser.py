@@ -125,7 +125,13 @@ def _sign_in(page, url: str, user: str) -> None:
 def _open(page, title: str, wait_text: str, shots: Path, name: str) -> None:
     page.get_by_role("link", name=title).click()
     page.get_by_text(wait_text).first.wait_for(timeout=120_000)
-    page.wait_for_timeout(1500)  # let plotly finish drawing
+    charts = page.locator(".js-plotly-plot .main-svg")
+    if charts.count() or page.locator('[data-testid="stPlotlyChart"]').count():
+        charts.first.wait_for(timeout=30_000)  # plotly draws after the page's script ends
+    page.mouse.wheel(0, 400)  # plotly in columns draws once scrolled into view
+    page.wait_for_timeout(3000)
+    page.mouse.wheel(0, -400)
+    page.wait_for_timeout(500)
     shots.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
 
@@ -139,6 +145,9 @@ def test_ml_lead_approves_in_the_browser_and_serving_follows(stack):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         _sign_in(page, stack["wb"], "ada")
         _open(page, "Overview", "Predictions", shots, "overview")
+        # request outcomes come from the API's Prometheus metrics: 20 predictions succeeded
+        page.get_by_text("API requests since it started").wait_for(timeout=30_000)
+        assert "succeeded" in page.get_by_text("API requests since it started").inner_text()
         _open(page, "Predictions", "predictions match", shots, "predictions")
         _open(page, "Review queue", "Review queue", shots, "review")
         _open(page, "Datasets", "Images per class", shots, "datasets")
