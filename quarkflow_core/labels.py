@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import MemberSpec, create_snapshot
 from quarkflow_core.errors import NotFound
+from quarkflow_core.predictions import feedback_label
 from quarkflow_core.schema import (
     Annotation,
     AnnotationSource,
@@ -42,7 +43,6 @@ from quarkflow_core.schema import (
     ReviewReason,
     ReviewState,
     Split,
-    Verdict,
 )
 
 SEED_NAME = "seed"
@@ -80,7 +80,7 @@ def resolve_labels(*, session: Session) -> Resolution:
             Prediction, Prediction.id == Feedback.prediction_id
         )
     ):
-        label = predicted if verdict == Verdict.CORRECT else true_label
+        label = feedback_label(verdict, true_label, predicted)
         if label:
             feedback[image_id][label] += 1
     out = Resolution()
@@ -192,7 +192,7 @@ def new_labels_since(*, session: Session, since: datetime | None = None) -> dict
         fb = fb.where(Feedback.created_at > since)
         ann = ann.where(Annotation.created_at > since)
     for verdict, true_label, predicted in session.execute(fb):
-        label = predicted if verdict == Verdict.CORRECT else true_label
+        label = feedback_label(verdict, true_label, predicted)
         if label:
             per_class[label] += 1
     for (label,) in session.execute(ann):

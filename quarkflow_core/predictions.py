@@ -77,6 +77,12 @@ def review_priority(*, margin: float, entropy: float, disputed: bool = False) ->
     return round((1.0 if disputed else 0.0) + uncertainty, 6)
 
 
+def feedback_label(verdict: Verdict, true_label: str | None, predicted: str) -> str | None:
+    """The label a piece of feedback asserts: "correct" confirms the prediction, "wrong"
+    gives the true label (or none)."""
+    return predicted if verdict == Verdict.CORRECT else true_label
+
+
 def parse_verdict(value: str) -> Verdict:
     return parse_enum(Verdict, value, "verdict")
 

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.labeling import LabelStudio, Project, PulledAnnotation, TaskSpec
+from quarkflow_core.predictions import feedback_label
 from quarkflow_core.schema import (
     Annotation,
     AnnotationSource,
@@ -38,7 +39,6 @@ from quarkflow_core.schema import (
     ReviewState,
     Role,
     User,
-    Verdict,
 )
 from quarkflow_core.users import record_audit, require_role
 
@@ -179,8 +179,7 @@ def reconcile(*, session: Session, image_id: int) -> ReviewState:
             .join(Prediction, Prediction.id == Feedback.prediction_id)
             .where(Prediction.image_id == image_id)
         )
-        for label in [predicted if verdict == Verdict.CORRECT else true_label]
-        if label
+        if (label := feedback_label(verdict, true_label, predicted))
     }
     item = session.scalar(select(ReviewItem).where(ReviewItem.image_id == image_id))
     if item is None:
@@ -218,14 +217,18 @@ def sync(
 # --------------------------------------------------------------------------- people
 
 
-def resolve_item(*, session: Session, item_id: int, label: str, user: User, classes: list[str]):
-    """An analyst or ML lead settles an item (disputed or not) with a label."""
-    require_role(
-        session=session, user=user, allowed={Role.ANALYST, Role.ML_LEAD}, action="review.resolve"
-    )
+def _decide(session: Session, *, item_id: int, user: User, action: str) -> ReviewItem:
+    """The checks every decision on an item shares: role analyst or ml_lead, item exists."""
+    require_role(session=session, user=user, allowed={Role.ANALYST, Role.ML_LEAD}, action=action)
     item = session.get(ReviewItem, item_id)
     if item is None:
         raise NotFound(f"no review item {item_id}")
+    return item
+
+
+def resolve_item(*, session: Session, item_id: int, label: str, user: User, classes: list[str]):
+    """An analyst or ML lead settles an item (disputed or not) with a label."""
+    item = _decide(session, item_id=item_id, user=user, action="review.resolve")
     if label not in classes:
         raise InvalidInput(f"unknown label {label!r}; valid labels: {', '.join(classes)}")
     item.state, item.resolved_label = ReviewState.RESOLVED, label
@@ -244,12 +247,7 @@ def resolve_item(*, session: Session, item_id: int, label: str, user: User, clas
 
 def dismiss_as_noise(*, session: Session, item_id: int, user: User):
     """Mark an item as label noise: it is left out of training."""
-    require_role(
-        session=session, user=user, allowed={Role.ANALYST, Role.ML_LEAD}, action="review.dismiss"
-    )
-    item = session.get(ReviewItem, item_id)
-    if item is None:
-        raise NotFound(f"no review item {item_id}")
+    item = _decide(session, item_id=item_id, user=user, action="review.dismiss")
     item.state, item.reason, item.resolved_label = (
         ReviewState.DISMISSED,
         ReviewReason.LABEL_NOISE,
