@@ -108,7 +108,25 @@ def train_from_snapshot(
         data = load_snapshot(session=session, storage=storage, snapshot_id=snap.id, preset=preset)
         if Split.TRAIN not in data or Split.HOLDOUT not in data:
             raise NotFound(f"snapshot {snap.id} needs both a train and a holdout split")
-        result = fit(data[Split.TRAIN], config, progress=progress)
+        live: list[dict[str, Any]] = []
+
+        def on_progress(ev: Any) -> None:
+            # Each epoch is committed to the run row so the workbench shows live progress.
+            if ev.stage == "epoch":
+                live.append(
+                    {
+                        "epoch": ev.epoch,
+                        "train_loss": ev.train_loss,
+                        "val_loss": ev.val_loss,
+                        "val_accuracy": ev.val_accuracy,
+                    }
+                )
+                run.progress = json_safe({"history": live, "epoch": ev.epoch, "epochs": ev.epochs})
+                session.commit()
+            if progress is not None:
+                progress(ev)
+
+        result = fit(data[Split.TRAIN], config, progress=on_progress)
         val_logits = predict_logits(result.model, result.val.images, result.preset)
         temperature = fit_temperature(val_logits, result.val.labels)
         val_probs = torch.softmax(val_logits / temperature, 1)
