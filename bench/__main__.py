@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS: list[str] = ["bench_train", "bench_ml_speed", "bench_serving"]
+BENCHMARKS: list[str] = ["bench_train", "bench_ml_speed", "bench_serving", "bench_workbench"]
 
 
 def main(argv: list[str]) -> int:
