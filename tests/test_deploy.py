@@ -106,3 +106,27 @@ def test_every_entrypoint_is_a_real_command():
             if doc and doc["kind"] in ("Deployment", "Job"):
                 for c in doc["spec"]["template"]["spec"]["containers"]:
                     _check_command(c["command"], known)
+
+
+@pytest.mark.parametrize("path", sorted((DEPLOY / "k8s").glob("*.yaml")), ids=lambda p: p.name)
+def test_kubernetes_manifests_validate_against_the_schemas(path):
+    """Strict validation against the Kubernetes 1.32 OpenAPI schemas shipped with
+    kubernetes-validate (offline): unknown or misspelt fields fail."""
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc:
+            kubernetes_validate.validate(doc, "1.32.0", strict=True)
+
+
+def test_the_validator_catches_a_bad_manifest():
+    import kubernetes_validate
+
+    bad = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "x"},
+        "spec": {"replicas": "two", "selector": {}, "template": {"spec": {"containers": []}}},
+    }
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, "1.32.0", strict=True)
