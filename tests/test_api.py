@@ -218,6 +218,16 @@ def test_roles_on_every_mutating_route(deployment, trained_artifacts):
             )
             assert r.status_code == 403
         assert client.post("/api/v1/models/2/approve", json=decision).status_code == 401
+        for path, body in (
+            ("/api/v1/review-queue/1/resolve", {"label": "3"}),
+            ("/api/v1/review-queue/1/dismiss", None),
+            ("/api/v1/retrain", {"epochs": 1}),
+        ):
+            r = client.post(path, json=body, headers=dep.auth("expert"))
+            assert (r.status_code, r.json()["error"]) == (403, "permission_denied"), path
+            assert client.post(path, json=body).status_code == 401
+        hook = client.post("/api/v1/labelstudio/webhook", json={"action": "ANNOTATION_CREATED"})
+        assert (hook.status_code, hook.json()["error"]) == (401, "authentication_failed")
         with Session(engine) as s:
             denied = s.scalars(select(AuditLog).where(AuditLog.outcome == "denied")).all()
         assert {(d.actor, d.action) for d in denied} >= {
