@@ -460,18 +460,13 @@ def create_app(
         return {"action": payload.get("action"), **result}
 
     def maybe_trigger_retrain() -> str | None:
-        from quarkflow_core.labels import new_labels_since, retrain_due
+        from quarkflow_core.labels import retrain_check
         from quarkflow_core.orchestration import trigger_deployment
 
-        if not settings.prefect_api_url or settings.retrain_min_new_labels <= 0:
+        if not settings.prefect_api_url:
             return None
         with service.session() as s:
-            counts = new_labels_since(session=s)
-        due, _why = retrain_due(
-            counts,
-            min_new_labels=settings.retrain_min_new_labels,
-            min_per_class=settings.retrain_min_per_class,
-        )
+            due, _why, _counts = retrain_check(session=s, settings=settings)
         if not due:
             return None
         try:

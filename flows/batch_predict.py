@@ -9,22 +9,16 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect_dask import DaskTaskRunner
 
-from flows.common import data_dir, db, storage
+from flows.common import data_dir, db, storage, storage_at
 from quarkflow_core.config import get_settings
 
 
 @task(name="predict-chunk", retries=2, retry_delay_seconds=2)
 def predict_chunk(keys: list[str], source_url: str | None) -> dict[str, Any]:
     from quarkflow_core.batch import champion_predictor, predict_keys
-    from quarkflow_core.storage import storage_from_url
 
     settings = get_settings()
-    dest = storage()
-    source = (
-        storage_from_url(source_url, emulator_host=settings.storage_emulator_host)
-        if source_url
-        else dest
-    )
+    dest, source = storage(), storage_at(source_url)
     with db() as s:
         predictor = champion_predictor(
             session=s, storage=dest, cache_root=data_dir() / "model-cache"
@@ -54,14 +48,8 @@ def batch_predict(
 ) -> dict[str, Any]:
     """Predict all images under ``prefix`` of ``source_url`` (default: QF_STORAGE_URL)."""
     from quarkflow_core.batch import list_images
-    from quarkflow_core.storage import storage_from_url
 
-    settings = get_settings()
-    source = (
-        storage_from_url(source_url, emulator_host=settings.storage_emulator_host)
-        if source_url
-        else storage()
-    )
+    source = storage_at(source_url)
     keys = list_images(source, prefix)
     chunks = [keys[i : i + chunk_size] for i in range(0, len(keys), chunk_size)]
     futures = [predict_chunk.submit(chunk, source_url) for chunk in chunks]

@@ -23,5 +23,18 @@ def storage() -> Storage:
     return get_storage()
 
 
+def storage_at(url: str | None) -> Storage:
+    """The storage at ``url`` (file:// or gs://, through the emulator when one is set), or
+    QF_STORAGE_URL's when ``url`` is None."""
+    from quarkflow_core.storage import storage_from_url
+
+    if not url:
+        return get_storage()
+    settings = get_settings()
+    return storage_from_url(
+        url, emulator_host=settings.storage_emulator_host, project=settings.gcs_project
+    )
+
+
 def data_dir() -> Path:
     return Path(get_settings().data_dir)

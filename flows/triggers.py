@@ -14,16 +14,10 @@ from quarkflow_core.orchestration import RETRAIN_DEPLOYMENT
 
 @flow(name="label_trigger", log_prints=True)
 def label_trigger(launch: bool = True) -> dict[str, Any]:
-    from quarkflow_core.labels import new_labels_since, retrain_due
+    from quarkflow_core.labels import retrain_check
 
-    settings = get_settings()
     with db() as s:
-        counts = new_labels_since(session=s)
-    due, why = retrain_due(
-        counts,
-        min_new_labels=settings.retrain_min_new_labels,
-        min_per_class=settings.retrain_min_per_class,
-    )
+        due, why, counts = retrain_check(session=s, settings=get_settings())
     print(why)
     result: dict[str, Any] = {"due": due, "why": why, "counts": counts, "flow_run": None}
     if due and launch:

@@ -216,3 +216,17 @@ def retrain_due(
         if short or not counts["per_class"]:
             return False, f"{total} new labels, but classes below {min_per_class}: {short}"
     return True, f"{total} new labels since {counts['since']} (threshold {min_new_labels})"
+
+
+def retrain_check(*, session: Session, settings: Any) -> tuple[bool, str, dict[str, Any]]:
+    """(due, why, counts) under QF_RETRAIN_MIN_NEW_LABELS (0 = never) and
+    QF_RETRAIN_MIN_PER_CLASS: what both the label_trigger flow and the webhook decide on."""
+    counts = new_labels_since(session=session)
+    if settings.retrain_min_new_labels <= 0:
+        return False, "the label trigger is off (QF_RETRAIN_MIN_NEW_LABELS=0)", counts
+    due, why = retrain_due(
+        counts,
+        min_new_labels=settings.retrain_min_new_labels,
+        min_per_class=settings.retrain_min_per_class,
+    )
+    return due, why, counts
