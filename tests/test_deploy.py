@@ -28,7 +28,13 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILES = [DEPLOY / "compose.yaml", DEPLOY / "compose.gpu.yaml"]
-COMPOSE_ENV = {"POSTGRES_PASSWORD": "pw-for-tests", "QF_SECRET_KEY": "key-for-tests"}
+COMPOSE_ENV = {
+    "POSTGRES_PASSWORD": "pw-for-tests",
+    "QF_SECRET_KEY": "key-for-tests",
+    "QF_LABELSTUDIO_TOKEN": "token-for-tests",
+    "LABELSTUDIO_ADMIN_EMAIL": "admin@example.com",
+    "LABELSTUDIO_ADMIN_PASSWORD": "admin-pw-for-tests",
+}
 MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 BIN = Path(sys.executable).parent
 
@@ -182,6 +188,9 @@ def test_compose_refuses_to_start_without_its_secrets():
     assert app_env["QF_STORAGE_URL"] == "gs://team-bucket/qf"
     assert app_env["QF_SECRET_KEY"] == "key-for-tests"
     assert "pw-for-tests@postgres:5432/quarkflow" in app_env["QF_DATABASE_URL"]
+    # Label Studio's API token is created with the one Quarkflow is given
+    ls_env = spec["services"]["labelstudio"]["environment"]
+    assert ls_env["LABEL_STUDIO_USER_TOKEN"] == app_env["QF_LABELSTUDIO_TOKEN"]
 
 
 def test_compose_wiring():
@@ -347,7 +356,8 @@ def test_kubernetes_manifests_essentials():
         for c in pod["containers"] + pod.get("initContainers", []):
             assert c["resources"]["requests"], f"{name}/{c['name']} has no resource requests"
             for env in c.get("env", []):  # secrets only by reference
-                assert "value" not in env or not re.search("SECRET|PASSWORD|TOKEN", env["name"])
+                literal = env.get("value", "") not in ("", "true", "false")
+                assert not (literal and re.search("SECRET|PASSWORD|TOKEN", env["name"])), env
             for source in c.get("envFrom", []):
                 if "configMapRef" in source:
                     assert source["configMapRef"]["name"] in configmaps
@@ -395,3 +405,21 @@ def test_every_entrypoint_is_a_real_command():
         for c in pod["containers"]:
             if "command" in c:
                 _check_command(c["command"], known)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/operations.md"])
+def test_documented_commands_exist(doc):
+    """Every `quarkflow ...` command in a code span or block of the docs is a real one."""
+    known = _cli_commands()
+    text = (ROOT / doc).read_text()
+    code = re.findall(r"```.*?```", text, flags=re.S) + re.findall(r"`([^`\n]+)`", text)
+    found = [
+        m.group(1).split()
+        for block in code
+        for m in re.finditer(
+            r"(?<!-n )(?:^|(?<=[\s(/]))quarkflow ([a-z][a-z-]*(?: [a-z][a-z-]*)?)", block
+        )
+    ]
+    assert found
+    for words in found:
+        _check_command(["quarkflow", *words], known)
