@@ -240,6 +240,19 @@ def test_images_are_small_non_root_and_pinned():
     assert {".git", ".venv", ".quarkflow", ".env"} <= set(ignored)
 
 
+def test_everything_the_dockerfile_copies_is_in_the_build_context():
+    """A COPY of a missing path, or of one .dockerignore leaves out, fails the build."""
+    import fnmatch
+
+    ignored = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and p[0] != "#"]
+    copies = re.findall(r"^COPY (?!--from)(.+) \S+$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    sources = [src for line in copies for src in line.split()]
+    assert {"requirements.txt", "quarkflow_core", "app", "pages", "flows", "db"} <= set(sources)
+    for src in sources:
+        assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+        assert not any(fnmatch.fnmatch(src, pat) for pat in ignored), f"{src} is dockerignored"
+
+
 def test_cpu_images_keep_every_pin_but_the_cuda_build():
     """deps-cpu installs requirements.txt minus exactly the CUDA build of torch and its CUDA
     libraries, and the CPU build of the same torch/torchvision versions."""
