@@ -80,7 +80,11 @@ def docker_compose(tmp_path_factory):
     base = [docker, "compose"] if docker else [str(plugin)]
 
     def run(*args, files=COMPOSE_FILES, env=COMPOSE_ENV):
-        clean = {k: v for k, v in os.environ.items() if k not in COMPOSE_ENV}
+        clean = {  # only what the test gives decides the outcome
+            k: v
+            for k, v in os.environ.items()
+            if k not in COMPOSE_ENV and not k.startswith(("QF_", "STORAGE_EMULATOR"))
+        }
         result = subprocess.run(
             [*base, *(a for f in files for a in ("-f", str(f))), *args],
             capture_output=True,
@@ -172,6 +176,19 @@ def test_compose_references_resolve(docker_compose):
     # Label Studio's API token is created with the one Quarkflow is given
     ls_env = services["labelstudio"]["environment"]
     assert ls_env["LABEL_STUDIO_USER_TOKEN"] == app_env["QF_LABELSTUDIO_TOKEN"]
+
+
+def test_compose_switches_from_the_emulator_to_real_gcs(docker_compose):
+    real = COMPOSE_ENV | {"QF_STORAGE_URL": "gs://team-bucket/qf", "STORAGE_EMULATOR_HOST": ""}
+    code, out, err = docker_compose("config", "--format", "json", env=real)
+    assert code == 0, err
+    services = json.loads(out)["services"]
+    assert "fake-gcs" not in services  # dev profile only
+    for name in ("api", "worker", "labelstudio"):
+        assert services[name]["environment"]["STORAGE_EMULATOR_HOST"] == "", name
+    assert services["api"]["environment"]["QF_STORAGE_URL"] == "gs://team-bucket/qf"
+    dev = compose_config(docker_compose)["services"]
+    assert dev["api"]["environment"]["STORAGE_EMULATOR_HOST"] == "http://fake-gcs:4443"
 
 
 def test_compose_wiring(docker_compose):
