@@ -82,6 +82,20 @@ def db_upgrade(revision: str = typer.Option("head", help="Target revision.")) ->
     console.print(f"[green]database at revision {migrations.head_revision()}[/green]")
 
 
+@app.command("init")
+def init() -> None:
+    """Prepare a deployment, safe to repeat: apply migrations, create the storage bucket when
+    it is missing, and check both (compose's `migrate` service, the Kubernetes migrate Job)."""
+    from quarkflow_core.storage import GCSStorage, get_storage
+
+    db_upgrade(revision="head")
+    storage = get_storage()
+    if isinstance(storage, GCSStorage):
+        storage.ensure_bucket()
+    storage.check()
+    console.print(f"[green]storage ready: {_settings().storage_url}[/green]")
+
+
 @db_app.command("downgrade")
 def db_downgrade(revision: str = typer.Option(..., help="Target revision, e.g. base.")) -> None:
     """Revert migrations down to REVISION."""

@@ -395,10 +395,13 @@ class GCSStorage(Storage):
             raise StorageError(f"QF_STORAGE_URL: bucket {self.bucket_name!r} does not exist")
 
     def ensure_bucket(self) -> None:
-        """Create the bucket when missing (used for the emulator and first-time setup)."""
+        """Create the bucket when missing (the emulator, first-time setup). An existing bucket
+        needs only read access to its metadata (storage.buckets.get), not create rights."""
         from google.api_core import exceptions as gexc
 
         try:
+            if self.bucket.exists(timeout=self.timeout, retry=self._retry()):
+                return
             self.client.create_bucket(self.bucket_name, timeout=self.timeout)
         except gexc.Conflict:
             pass

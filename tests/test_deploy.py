@@ -153,9 +153,9 @@ def test_compose_references_resolve(docker_compose):
     services = spec["services"]
     targets = _dockerfile_targets()
     for name, svc in services.items():
-        for dep in svc.get("depends_on", {}):
-            # a service that is on by default must not wait for one that is only in a profile
-            if "profiles" not in svc:
+        for dep, how in svc.get("depends_on", {}).items():
+            # a service that is on by default must not need one that is only in a profile
+            if "profiles" not in svc and how["required"]:
                 assert "profiles" not in services[dep], f"{name} needs {dep}, in a profile"
         for volume in svc.get("volumes", []):
             if volume["type"] == "bind":
@@ -205,7 +205,7 @@ def test_compose_wiring(docker_compose):
         "labelstudio",
     } <= set(services)
     assert services["fake-gcs"]["profiles"] == ["dev"]
-    assert services["migrate"]["command"] == ["quarkflow", "db", "upgrade"]
+    assert services["migrate"]["command"] == ["quarkflow", "init"]
     assert services["migrate"]["restart"] == "no"
     for name in ("api", "workbench", "worker"):  # migrations run once, before the apps
         assert (
@@ -254,7 +254,7 @@ def test_images_are_small_non_root_and_pinned():
     assert text.count("USER 10001:10001") == 2  # app-cpu (api, workbench, worker) and trainer
     assert "ENV" in text and "SECRET" not in text.replace("no secret", "")
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".git", ".venv", ".quarkflow", ".env"} <= set(ignored)
+    assert {".git", ".venv", ".quarkflow", "**/.env"} <= set(ignored)
 
 
 def test_everything_the_dockerfile_copies_is_in_the_build_context():
@@ -363,6 +363,23 @@ def test_kubernetes_manifests_essentials():
             assert sidecar["restartPolicy"] == "Always", name  # a native sidecar
 
 
+def test_prefect_workers_watch_only_their_namespace(monkeypatch):
+    """The worker's observer (crashed-pod detection) must stay inside what the namespaced Role
+    allows: the variable is one prefect-kubernetes really reads."""
+    from prefect_kubernetes.settings import KubernetesSettings
+
+    role = next(d for d in _k8s_docs() if d["kind"] == "Role")
+    assert any("create" in r["verbs"] and "events" in r["resources"] for r in role["rules"])
+    workers = [
+        (doc, pod) for doc, pod in _pod_specs(_k8s_docs()) if "worker" in doc["metadata"]["name"]
+    ]
+    assert len(workers) == 2
+    for doc, pod in workers:
+        for env in pod["containers"][0]["env"]:
+            monkeypatch.setenv(env["name"], env["value"])
+        assert KubernetesSettings().observer.namespaces == {doc["metadata"]["namespace"]}
+
+
 def test_the_configmap_holds_valid_quarkflow_settings():
     from quarkflow_core.config import Settings
 
@@ -385,7 +402,7 @@ def test_the_configmap_holds_valid_quarkflow_settings():
 
 def test_every_entrypoint_is_a_real_command(docker_compose):
     known = _cli_commands()
-    assert {"serve", "workbench", "worker", "db upgrade", "doctor"} <= known
+    assert {"serve", "workbench", "worker", "init", "doctor"} <= known
     for line in re.findall(r"^\s*CMD (\[.*\])$", (DEPLOY / "Dockerfile").read_text(), flags=re.M):
         cmd = yaml.safe_load(line)
         if cmd[0] != "python":

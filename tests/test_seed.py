@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 from sqlalchemy import func, select
@@ -116,3 +117,29 @@ def test_cli_errors_are_one_line(tmp_path):
         assert out.returncode == 2
         assert needle in out.stderr
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2
+
+
+@pytest.mark.integration
+def test_init_prepares_a_fresh_deployment_and_can_be_repeated(tmp_path, gcs_host):
+    """`quarkflow init` (compose's migrate service, the migrate Job) on an empty database and
+    a bucket that does not exist yet: migrations, the bucket, then both checks."""
+    from quarkflow_core.storage import GCSStorage
+
+    bucket = f"qf-init-{uuid.uuid4().hex[:10]}"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "QF_DATABASE_URL": f"sqlite:///{tmp_path}/qf.db",
+        "QF_STORAGE_URL": f"gs://{bucket}/qf",
+        "STORAGE_EMULATOR_HOST": gcs_host,
+    }
+    store = GCSStorage(bucket, "qf", emulator_host=gcs_host, timeout_s=5)
+    assert not store.bucket.exists()
+    for _ in range(2):
+        out = _cli(env, "init")
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"storage ready: gs://{bucket}/qf" in " ".join(out.stdout.split())
+    assert store.bucket.exists()
+    doctor = _cli(env, "doctor")
+    assert doctor.returncode == 0 and "storage reachable" in doctor.stdout
+    assert "needs" not in _cli(env, "db", "current").stdout  # at head

@@ -87,8 +87,9 @@ def template(gpu: bool) -> dict:
             "description": "GKE accelerator label of the GPU node pool the job must land on.",
         }
         p["gpu_count"] = {"title": "GPUs", "type": "integer", "default": 1, "minimum": 1}
-        p["cpu_request"]["default"] = "4"
-        p["memory_request"]["default"] = p["memory_limit"]["default"] = "16Gi"
+        # fits a g2-standard-8 (1 L4) next to the proxy and the node's own daemons
+        p["cpu_request"]["default"] = "6"
+        p["memory_request"]["default"] = p["memory_limit"]["default"] = "24Gi"
     else:
         p["image"]["description"] = "The CPU image: deploy/Dockerfile, target worker."
         p["cpu_request"]["default"] = "1"
