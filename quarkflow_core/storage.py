@@ -407,7 +407,7 @@ class GCSStorage(Storage):
             pass
         except Exception as exc:
             raise StorageError(
-                f"QF_STORAGE_URL: cannot create bucket {self.bucket_name!r}: {exc}"
+                f"QF_STORAGE_URL: cannot check or create bucket {self.bucket_name!r}: {exc}"
             ) from exc
 
 
