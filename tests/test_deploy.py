@@ -270,6 +270,64 @@ def test_everything_the_dockerfile_copies_is_in_the_build_context():
         assert not any(fnmatch.fnmatch(src, pat) for pat in ignored), f"{src} is dockerignored"
 
 
+def _pins(name: str) -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    lines = (ROOT / name).read_text().splitlines()
+    return {canonicalize_name(ln.split("==")[0]): ln for ln in lines if "==" in ln}
+
+
+def test_runtime_requirements_are_closed_and_cover_every_import():
+    """The images install requirements.txt alone, so it must hold every distribution the
+    runtime code imports and everything those need (markers evaluated here, extras followed);
+    requirements-dev.txt holds only what tests and tools use."""
+    import ast
+    from importlib.metadata import distribution, packages_distributions
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    runtime, dev = _pins("requirements.txt"), _pins("requirements-dev.txt")
+    assert runtime.keys().isdisjoint(dev), runtime.keys() & dev.keys()
+    modules = set()
+    for folder in ("quarkflow_core", "app", "flows", "pages", "db"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    modules.add(node.module.split(".")[0])
+    owners = packages_distributions()
+    imported = {canonicalize_name(d) for m in modules for d in owners.get(m, [])} - {"quarkflow"}
+    assert imported <= runtime.keys(), (
+        f"imported but not in requirements.txt: {imported - runtime.keys()}"
+    )
+    # needed without an import statement: the server, the Postgres drivers, form uploads, the
+    # Kubernetes worker type, torch.onnx's exporter
+    imported |= {
+        "uvicorn",
+        "psycopg2-binary",
+        "asyncpg",
+        "python-multipart",
+        "prefect-kubernetes",
+        "onnxscript",
+    }
+    todo, extras_of = [(name, frozenset()) for name in imported], {}
+    while todo:
+        name, extras = todo.pop()
+        if name in extras_of and extras <= extras_of[name]:
+            continue
+        extras_of[name] = extras_of.get(name, frozenset()) | extras
+        assert name in runtime, f"{name} is needed at run time but not in requirements.txt"
+        for text in distribution(name).requires or []:
+            req = Requirement(text)
+            envs = [{"extra": e} for e in extras_of[name]] or [{"extra": ""}]
+            if req.marker is None or any(req.marker.evaluate(env) for env in envs):
+                todo.append((canonicalize_name(req.name), frozenset(req.extras)))
+    unused = runtime.keys() - extras_of.keys()
+    assert not unused, f"in requirements.txt but nothing at run time needs them: {unused}"
+
+
 def test_cpu_images_keep_every_pin_but_the_cuda_build():
     """deps-cpu installs requirements.txt minus exactly the CUDA build of torch and its CUDA
     libraries, and the CPU build of the same torch/torchvision versions."""
