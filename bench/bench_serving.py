@@ -34,6 +34,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from quarkflow_core.orchestration import stop_process, wait_for_http
+
 RESULTS = Path(__file__).parent / "results" / "serving.json"
 ADMIN_PG = os.environ.get(
     "QF_TEST_POSTGRES_URL",
@@ -239,15 +241,7 @@ def main() -> None:
             stderr=open(work / "server.log", "wb"),  # noqa: SIM115
         )
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
+        if not wait_for_http(url + "/readyz", timeout_s=120, proc=server):
             raise RuntimeError((work / "server.log").read_text()[-2000:])
         asyncio.run(_load(url, token, photo, 4, 3.0))  # warm-up
         levels = []
@@ -314,11 +308,7 @@ def main() -> None:
         print(json.dumps(result["targets"], indent=2))
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_process(server, timeout_s=20)
         if db_kind == "postgresql":
             _drop(db_url)
         shutil.rmtree(work, ignore_errors=True)

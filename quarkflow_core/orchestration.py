@@ -1,4 +1,5 @@
-"""Starting a local Prefect server when none is configured (for `quarkflow worker`)."""
+"""Starting a local Prefect server when none is configured (for `quarkflow worker`), and the
+two process chores that goes with: waiting for an HTTP service, stopping a child process."""
 
 from __future__ import annotations
 
@@ -39,27 +40,45 @@ def local_prefect_server(
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        if not wait_for_http(url + "/health", timeout_s=timeout_s, proc=proc):
             if proc.poll() is not None:
                 raise ConfigError(
                     f"QF_PREFECT_API_URL: the local Prefect server exited ({proc.returncode})"
                 )
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
             raise ConfigError(f"QF_PREFECT_API_URL: no Prefect server answered on {url}")
         yield url
     finally:
-        proc.terminate()
+        stop_process(proc, timeout_s=20)
+
+
+def wait_for_http(
+    url: str, *, timeout_s: float, proc: subprocess.Popen | None = None, every_s: float = 0.5
+) -> bool:
+    """True once GET ``url`` answers 200; False when ``timeout_s`` passes first, or as soon as
+    ``proc`` (the process that should serve it) has exited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(every_s)
+    return False
+
+
+def stop_process(proc: subprocess.Popen, *, timeout_s: float) -> None:
+    """SIGTERM (so it can shut down cleanly), then SIGKILL after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 RETRAIN_DEPLOYMENT = "retrain/retrain"

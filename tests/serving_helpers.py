@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from quarkflow_core import migrations, registry
 from quarkflow_core.config import load_settings
 from quarkflow_core.database import make_engine
+from quarkflow_core.orchestration import stop_process
 from quarkflow_core.schema import Role
 from quarkflow_core.storage import storage_from_url
 from quarkflow_core.users import create_token, create_user
@@ -119,6 +120,32 @@ def deploy(
     return dep
 
 
+def local_deploy(root: Path, champion: Path | None) -> Deployment:
+    """deploy() on the embedded default under ``root``: SQLite + a local folder."""
+    return deploy(f"sqlite:///{root}/qf.db", f"file://{root}/store", root / "qf", champion)
+
+
+def seed_and_register(dep: Deployment, artifact: Path, *, as_challenger: bool = True):
+    """Seed 600 demo digits (the hold-out a comparison needs) and register ``artifact``
+    (as the challenger by default); returns its version row."""
+    from quarkflow_core.demo import seed_demo
+
+    engine = dep.engine()
+    try:
+        with Session(engine, expire_on_commit=False) as s:
+            seed_demo(session=s, storage=dep.storage(), limit=600)
+            s.commit()
+            return registry.register_version(
+                session=s,
+                storage=dep.storage(),
+                artifact_dir=artifact,
+                created_by="t",
+                as_challenger=as_challenger,
+            )
+    finally:
+        engine.dispose()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -166,12 +193,7 @@ class ServerProcess:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+        stop_process(self.proc, timeout_s=15)
 
 
 class ThreadedServer:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
-from serving_helpers import deploy, wait_until
+from serving_helpers import deploy, local_deploy, seed_and_register, wait_until
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -190,20 +190,8 @@ def test_roles_on_every_mutating_route(deployment, trained_artifacts):
         assert client.get("/api/v1/review-queue", headers=dep.auth("analyst")).status_code == 200
 
         # register a candidate directly, then try to promote it with every role
-        from quarkflow_core import registry
-        from quarkflow_core.demo import seed_demo
-
+        seed_and_register(dep, trained_artifacts["strong_b"])
         engine = dep.engine()
-        with Session(engine, expire_on_commit=False) as s:
-            seed_demo(session=s, storage=dep.storage(), limit=600)  # the hold-out for evidence
-            s.commit()
-            registry.register_version(
-                session=s,
-                storage=dep.storage(),
-                artifact_dir=trained_artifacts["strong_b"],
-                created_by="t",
-                as_challenger=True,
-            )
         decision = {"reason": "strong_b is as good as v1 on the hold-out", "override": True}
         for who in ("expert", "analyst"):
             for path, body in (
@@ -390,9 +378,7 @@ HOSTILE = _hostile()
 def hostile_client(tmp_path_factory, trained_artifacts, pg_factory):
     """One server for the whole corpus (SQLite + local folder)."""
     tmp = tmp_path_factory.mktemp("hostile")
-    dep = deploy(
-        f"sqlite:///{tmp}/qf.db", f"file://{tmp}/store", tmp / "qf", trained_artifacts["strong"]
-    )
+    dep = local_deploy(tmp, trained_artifacts["strong"])
     app = create_app(dep.settings(), with_demo=False)
     with TestClient(app) as client:
         yield dep, client

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_helpers import ThreadedServer, deploy, free_port, wait_until
+from serving_helpers import ThreadedServer, free_port, local_deploy, seed_and_register, wait_until
 from sqlalchemy.orm import Session
 
 from app.api import create_app
 from quarkflow_core import registry
-from quarkflow_core.demo import demo_pngs, seed_demo
+from quarkflow_core.demo import demo_pngs
+from quarkflow_core.orchestration import stop_process
 from quarkflow_core.users import create_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -44,25 +45,13 @@ def stack(tmp_path, trained_artifacts):
         pytest.fail(
             "Debian chromium is missing: `make test` installs it (apt-get install chromium)"
         )
-    dep = deploy(
-        f"sqlite:///{tmp_path}/qf.db",
-        f"file://{tmp_path}/store",
-        tmp_path / "qf",
-        trained_artifacts["weak"],
-    )
+    dep = local_deploy(tmp_path, trained_artifacts["weak"])
+    seed_and_register(dep, trained_artifacts["strong"])
     engine = dep.engine()
-    with Session(engine, expire_on_commit=False) as s:
-        seed_demo(session=s, storage=dep.storage(), limit=600)
+    with Session(engine) as s:
         for name, role in (("ada", "ml_lead"), ("ann", "analyst")):
             create_user(session=s, username=name, role=role, password=PASSWORD)
         s.commit()
-        registry.register_version(
-            session=s,
-            storage=dep.storage(),
-            artifact_dir=trained_artifacts["strong"],
-            created_by="t",
-            as_challenger=True,
-        )
     api = create_app(dep.settings(model_poll_s=0.2), with_demo=False)
     with ThreadedServer(api) as live:
         pngs, _ = demo_pngs(20)
@@ -109,8 +98,7 @@ def stack(tmp_path, trained_artifacts):
                 "shots": tmp_path / "shots",
             }
         finally:
-            wb.terminate()
-            wb.wait(timeout=20)
+            stop_process(wb, timeout_s=20)
             engine.dispose()
 
 

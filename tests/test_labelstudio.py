@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import TcpProxy, ThreadedServer, deploy, wait_until
+from serving_helpers import TcpProxy, ThreadedServer, deploy, local_deploy, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -63,12 +63,7 @@ def _items(engine) -> dict[str, ReviewItem]:
 
 
 def test_round_trip_agreement_and_disputes(tmp_path, trained_artifacts, studio):
-    dep = deploy(
-        f"sqlite:///{tmp_path}/qf.db",
-        f"file://{tmp_path}/store",
-        tmp_path / "qf",
-        trained_artifacts["strong"],
-    )
+    dep = local_deploy(tmp_path, trained_artifacts["strong"])
     settings = dep.settings(review_threshold=0.999, public_api_url="http://testserver")
     app = create_app(settings, with_demo=False)
     engine = dep.engine()
@@ -174,12 +169,7 @@ def test_round_trip_agreement_and_disputes(tmp_path, trained_artifacts, studio):
 
 
 def test_webhook_records_annotations_and_checks_its_secret(tmp_path, trained_artifacts, studio):
-    dep = deploy(
-        f"sqlite:///{tmp_path}/qf.db",
-        f"file://{tmp_path}/store",
-        tmp_path / "qf",
-        trained_artifacts["strong"],
-    )
+    dep = local_deploy(tmp_path, trained_artifacts["strong"])
     settings = dep.settings(review_threshold=0.999)
     app = create_app(settings, with_demo=False)
     engine = dep.engine()
@@ -223,12 +213,7 @@ def test_webhook_records_annotations_and_checks_its_secret(tmp_path, trained_art
 
 
 def test_label_studio_down_loses_and_duplicates_nothing(tmp_path, trained_artifacts, studio):
-    dep = deploy(
-        f"sqlite:///{tmp_path}/qf.db",
-        f"file://{tmp_path}/store",
-        tmp_path / "qf",
-        trained_artifacts["strong"],
-    )
+    dep = local_deploy(tmp_path, trained_artifacts["strong"])
     settings = dep.settings(review_threshold=0.999, public_api_url="http://testserver")
     app = create_app(settings, with_demo=False)
     engine = dep.engine()

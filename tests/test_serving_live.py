@@ -17,6 +17,8 @@ from serving_helpers import (
     ThreadedServer,
     deploy,
     free_port,
+    local_deploy,
+    seed_and_register,
     wait_until,
 )
 from sqlalchemy import select
@@ -127,24 +129,10 @@ def test_outage_then_kill9_loses_nothing(pg_factory, gcs_host, tmp_path, trained
 
 
 def test_hot_swap_under_load_fails_no_request(tmp_path, trained_artifacts, digits):
-    from quarkflow_core.demo import seed_demo
 
-    dep = deploy(
-        f"sqlite:///{tmp_path}/qf.db",
-        f"file://{tmp_path}/store",
-        tmp_path / "qf",
-        trained_artifacts["weak"],
-    )
+    dep = local_deploy(tmp_path, trained_artifacts["weak"])
+    candidate = seed_and_register(dep, trained_artifacts["strong"], as_challenger=False)
     engine = dep.engine()
-    with Session(engine, expire_on_commit=False) as s:
-        seed_demo(session=s, storage=dep.storage(), limit=600)
-        s.commit()
-        candidate = registry.register_version(
-            session=s,
-            storage=dep.storage(),
-            artifact_dir=trained_artifacts["strong"],
-            created_by="t",
-        )
     app = create_app(dep.settings(model_poll_s=0.1), with_demo=False)
     results: list[tuple[int, int, float, int | None]] = []  # (thread, status, t, version)
     stop = threading.Event()
@@ -199,12 +187,7 @@ def test_hot_swap_under_load_fails_no_request(tmp_path, trained_artifacts, digit
 def test_gradio_demo_through_gradio_client(tmp_path, trained_artifacts, digits):
     from gradio_client import Client, handle_file
 
-    dep = deploy(
-        f"sqlite:///{tmp_path}/qf.db",
-        f"file://{tmp_path}/store",
-        tmp_path / "qf",
-        trained_artifacts["strong"],
-    )
+    dep = local_deploy(tmp_path, trained_artifacts["strong"])
     app = create_app(dep.settings(anonymous_demo=True), with_demo=True)
     image = tmp_path / "digit.png"
     image.write_bytes(digits[0][0])
@@ -224,12 +207,7 @@ def test_gradio_demo_through_gradio_client(tmp_path, trained_artifacts, digits):
 
 
 def test_schemathesis_finds_no_server_errors(tmp_path, trained_artifacts):
-    dep = deploy(
-        f"sqlite:///{tmp_path}/qf.db",
-        f"file://{tmp_path}/store",
-        tmp_path / "qf",
-        trained_artifacts["strong"],
-    )
+    dep = local_deploy(tmp_path, trained_artifacts["strong"])
     app = create_app(dep.settings(), with_demo=False)
     with ThreadedServer(app) as live:
         for who in ("admin", "expert"):

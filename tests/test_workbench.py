@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import deploy, wait_until
-from sqlalchemy.orm import Session
+from serving_helpers import local_deploy, seed_and_register, wait_until
 from streamlit.testing.v1 import AppTest
 
 from app.api import create_app
-from quarkflow_core import registry
 from quarkflow_core.config import get_settings
-from quarkflow_core.demo import demo_pngs, seed_demo
+from quarkflow_core.demo import demo_pngs
 
 pytestmark = pytest.mark.integration
 PAGES = ["overview", "predictions", "review", "datasets", "training", "compare", "promotions"]
@@ -27,20 +25,8 @@ VISIBLE = {
 def filled(tmp_path_factory, trained_artifacts):
     """A deployment with traffic, feedback, a review queue and a challenger."""
     tmp = tmp_path_factory.mktemp("wb")
-    dep = deploy(
-        f"sqlite:///{tmp}/qf.db", f"file://{tmp}/store", tmp / "qf", trained_artifacts["weak"]
-    )
-    engine = dep.engine()
-    with Session(engine, expire_on_commit=False) as s:
-        seed_demo(session=s, storage=dep.storage(), limit=600)
-        s.commit()
-        registry.register_version(
-            session=s,
-            storage=dep.storage(),
-            artifact_dir=trained_artifacts["strong"],
-            created_by="t",
-            as_challenger=True,
-        )
+    dep = local_deploy(tmp, trained_artifacts["weak"])
+    seed_and_register(dep, trained_artifacts["strong"])
     app = create_app(dep.settings(review_threshold=0.9), with_demo=False, watch=False)
     pngs, labels = demo_pngs(640)
     with TestClient(app) as client:
@@ -59,7 +45,6 @@ def filled(tmp_path_factory, trained_artifacts):
         wait_until(
             lambda: client.get("/readyz").json()["checks"]["outbox"]["depth"] == 0, what="flush"
         )
-    engine.dispose()
     return dep
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.api import create_app
 from quarkflow_core.demo import seed_demo
+from quarkflow_core.orchestration import stop_process
 from quarkflow_core.schema import ModelVersion
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -83,10 +84,6 @@ def test_worker_serves_deployments_and_runs_retrain_on_demand(tmp_path, trained_
             versions = s.scalars(select(ModelVersion.version)).all()
         assert sorted(versions) == [1, 2]
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker, timeout_s=30)
         log.close()
         engine.dispose()
