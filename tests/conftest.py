@@ -177,6 +177,21 @@ def storage(request, tmp_path, gcs_host) -> Storage:
 N_SEED = 600  # seed snapshot used with these models: 480 train + 120 hold-out real digits
 
 
+def save_smallcnn(res, out, **extra):
+    """Save a FitResult of the smallcnn (1 channel) as an artifact; returns its sha256."""
+    from quarkflow_core.ml.artifacts import save_artifact
+
+    return save_artifact(
+        out,
+        model=res.model,
+        architecture="smallcnn",
+        classes=res.classes,
+        in_channels=1,
+        preset=res.preset,
+        **extra,
+    )
+
+
 @pytest.fixture(scope="session")
 def trained_artifacts(tmp_path_factory):
     """Three real models trained on the seed snapshot's train split (never its hold-out):
@@ -186,7 +201,6 @@ def trained_artifacts(tmp_path_factory):
 
     from quarkflow_core.datasets import stratified_holdout
     from quarkflow_core.demo import HOLDOUT_FRACTION, SPLIT_SEED, demo_pngs
-    from quarkflow_core.ml.artifacts import save_artifact
     from quarkflow_core.ml.data import ImageSet, decode
     from quarkflow_core.ml.train import TrainConfig, fit
     from quarkflow_core.ml.transforms import eval_preset
@@ -212,14 +226,8 @@ def trained_artifacts(tmp_path_factory):
     for name, (data, cfg) in specs.items():
         res = fit(data, TrainConfig(**base, **cfg))
         folder = tmp_path_factory.mktemp(name)
-        save_artifact(
-            folder,
-            model=res.model,
-            architecture="smallcnn",
-            classes=res.classes,
-            in_channels=1,
-            preset=res.preset,
-            metrics={"holdout": {"accuracy": res.history[-1]["val_accuracy"]}},
+        save_smallcnn(
+            res, folder, metrics={"holdout": {"accuracy": res.history[-1]["val_accuracy"]}}
         )
         out[name] = folder
     return out

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import save_smallcnn
 from scipy.stats import binomtest
 from sqlalchemy import select
 
@@ -13,7 +14,6 @@ from quarkflow_core.ml.artifacts import (
     ArtifactIntegrityError,
     load_artifact,
     manifest_sha256,
-    save_artifact,
 )
 from quarkflow_core.ml.calibration import fit_temperature, threshold_for_accuracy
 from quarkflow_core.ml.compare import BETTER, SAME, compare, mcnemar_exact
@@ -162,22 +162,10 @@ def test_review_threshold_for_target_accuracy():
     assert t["threshold"] == pytest.approx(0.7) and t["coverage"] == 0.75
 
 
-def _save_smallcnn(res, out, **extra):
-    return save_artifact(
-        out,
-        model=res.model,
-        architecture="smallcnn",
-        classes=res.classes,
-        in_channels=1,
-        preset=res.preset,
-        **extra,
-    )
-
-
 def test_artifact_round_trip_and_tamper_detection(small, tmp_path):
     res = fit(small, TrainConfig(**QUICK))
     out = tmp_path / "art"
-    sha = _save_smallcnn(
+    sha = save_smallcnn(
         res,
         out,
         temperature=1.5,
@@ -197,7 +185,7 @@ def test_artifact_round_trip_and_tamper_detection(small, tmp_path):
     )
 
     with pytest.raises(InvalidInput, match="not empty"):
-        _save_smallcnn(res, out)
+        save_smallcnn(res, out)
     with pytest.raises(ArtifactIntegrityError, match="registered"):
         load_artifact(out, expected_sha256="0" * 64)
     weights = out / "weights.pt"
@@ -210,7 +198,7 @@ def test_artifact_round_trip_and_tamper_detection(small, tmp_path):
 
 def test_stray_file_in_artifact_is_refused(small, tmp_path):
     res = fit(small, TrainConfig(**{**QUICK, "epochs": 1}))
-    _save_smallcnn(res, tmp_path)
+    save_smallcnn(res, tmp_path)
     (tmp_path / "evil.pt").write_bytes(b"x")
     with pytest.raises(ArtifactIntegrityError, match="not in the manifest"):
         load_artifact(tmp_path)
