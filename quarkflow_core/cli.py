@@ -86,13 +86,10 @@ def db_upgrade(revision: str = typer.Option("head", help="Target revision.")) ->
 def init() -> None:
     """Prepare a deployment, safe to repeat: apply migrations, create the storage bucket when
     it is missing, and check both (compose's `migrate` service, the Kubernetes migrate Job)."""
-    from quarkflow_core.storage import GCSStorage, get_storage
+    from quarkflow_core.storage import get_storage
 
     db_upgrade(revision="head")
-    storage = get_storage()
-    if isinstance(storage, GCSStorage):
-        storage.ensure_bucket()
-    storage.check()
+    get_storage().prepare()
     console.print(f"[green]storage ready: {_settings().storage_url}[/green]")
 
 

@@ -99,6 +99,11 @@ class Storage(ABC):
     def check(self) -> None:
         """Raise StorageError naming QF_STORAGE_URL when the backend is unreachable."""
 
+    def prepare(self) -> None:
+        """Make a new deployment's storage usable (`quarkflow init`): create what is missing,
+        then check it. A local folder is created by ``check`` itself."""
+        self.check()
+
     def put_content_addressed(
         self, data: bytes, *, prefix: str = "images", ext: str = "", content_type: str | None = None
     ) -> tuple[str, PutResult]:
@@ -393,6 +398,9 @@ class GCSStorage(Storage):
             raise StorageError(f"QF_STORAGE_URL: cannot reach {self.url}: {exc}") from exc
         if not exists:
             raise StorageError(f"QF_STORAGE_URL: bucket {self.bucket_name!r} does not exist")
+
+    def prepare(self) -> None:
+        self.ensure_bucket()  # it has just checked, or created, the bucket
 
     def ensure_bucket(self) -> None:
         """Create the bucket when missing (the emulator, first-time setup). An existing bucket
