@@ -21,23 +21,15 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
-DEMO_MODEL := .quarkflow/artifacts/demo-smallcnn
 PORT ?= 8000
 WB_PORT ?= 8501
+PREFECT_PORT ?= 4200
 
-demo: install  ## embedded default: SQLite + ./.quarkflow folder
-	$(BIN)/quarkflow db upgrade
-	$(BIN)/quarkflow seed-demo
-	@if [ -f $(DEMO_MODEL)/manifest.json ]; then echo "demo model already trained: $(DEMO_MODEL)"; \
-	else $(BIN)/quarkflow train --out $(DEMO_MODEL) && $(BIN)/quarkflow export $(DEMO_MODEL) --format onnx; fi
-	$(BIN)/quarkflow demo-bootstrap $(DEMO_MODEL)
-	@echo
-	@echo "Demo data and a trained, calibrated, ONNX-exported champion model are in .quarkflow/."
-	@echo "Workbench: http://127.0.0.1:$(WB_PORT) (sign in as demo-lead / quarkflow-demo)"
-	@echo "Demo:      http://127.0.0.1:$(PORT)/demo   API docs: http://127.0.0.1:$(PORT)/docs   Ctrl-C stops both."
-	$(BIN)/quarkflow workbench --host 127.0.0.1 --port $(WB_PORT) & wb=$$!; \
-	trap 'kill $$wb 2>/dev/null' EXIT INT TERM; \
-	$(BIN)/quarkflow serve --host 127.0.0.1 --port $(PORT)
+# Everything on the embedded default (SQLite + ./.quarkflow): migrate, seed, train + approve the
+# first champion (once), then the API + Gradio demo, the workbench and the worker (local Prefect
+# server), wired together, with some unseen traffic. One Ctrl-C or SIGTERM stops all of them.
+demo: install
+	exec $(BIN)/quarkflow demo --port $(PORT) --wb-port $(WB_PORT) --prefect-port $(PREFECT_PORT) $(DEMO_ARGS)
 
 test: install  ## starts Postgres + fake-gcs-server if needed, runs everything, stops them
 	scripts/test.sh $(PYTEST_ARGS)

@@ -799,33 +799,40 @@ def workbench(
     host: str = typer.Option("127.0.0.1", help="Bind address (0.0.0.0 for a server)."),
 ) -> None:
     """Run the Streamlit workbench (sign in with a Quarkflow user)."""
-    import subprocess
+    import os
 
-    import app as app_pkg
     from quarkflow_core.database import check_database, get_engine
+    from quarkflow_core.launcher import streamlit_argv
 
     check_database(get_engine(_settings().database_url))
-    script = Path(app_pkg.__file__).resolve().parent / "workbench.py"
     console.print(f"Quarkflow workbench on http://{host}:{port}")
-    raise typer.Exit(
-        subprocess.call(  # noqa: S603 - our own script, fixed arguments
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                str(script),
-                "--server.port",
-                str(port),
-                "--server.address",
-                host,
-                "--server.headless",
-                "true",
-                "--browser.gatherUsageStats",
-                "false",
-            ]
-        )
+    sys.stdout.flush()
+    argv = streamlit_argv(host=host, port=port)
+    os.execv(argv[0], argv)  # noqa: S606 - becomes Streamlit: signals reach it directly
+
+
+@app.command("demo")
+def demo(
+    host: str = typer.Option("127.0.0.1", help="Bind address of every service."),
+    port: int = typer.Option(8000, help="API + Gradio demo."),
+    wb_port: int = typer.Option(8501, help="Streamlit workbench."),
+    prefect_port: int = typer.Option(4200, help="Local Prefect server (the worker's)."),
+    epochs: int = typer.Option(15, help="Epochs for the first demo model (trained once)."),
+    traffic: int = typer.Option(300, help="Unseen digits sent through the API on first start."),
+) -> None:
+    """The whole product on this machine: prepare the demo, start the API + demo, the
+    workbench and the worker, wired together. Ctrl-C (or SIGTERM) stops all of them."""
+    from quarkflow_core.launcher import DemoPlan, run_demo
+
+    plan = DemoPlan(
+        host=host,
+        api_port=port,
+        wb_port=wb_port,
+        prefect_port=prefect_port,
+        epochs=epochs,
+        traffic=traffic,
     )
+    raise typer.Exit(run_demo(_settings(), plan, out=lambda line: console.print(line)))
 
 
 # --------------------------------------------------------------------------- flows

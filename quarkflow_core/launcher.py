@@ -1,0 +1,264 @@
+"""`quarkflow demo` (what `make demo` runs): prepare the embedded default (migrate, seed, train
+and approve the first champion, the demo users), start everything the loop needs, wired to one
+set of settings, and send some unseen traffic so the workbench is alive on first open.
+
+Services, each a child of one supervisor (quarkflow_core.supervisor): a local Prefect server,
+the worker serving the deployments, the API + Gradio demo, and the Streamlit workbench. One
+Ctrl-C or SIGTERM stops all of them and whatever they started."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+
+from quarkflow_core.config import Settings
+from quarkflow_core.errors import ConfigError
+from quarkflow_core.supervisor import Stopped, Supervisor, port_free
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL_DIR = "artifacts/demo-smallcnn"  # under QF_DATA_DIR
+DEPLOYMENTS = 5  # retrain, batch_predict, promote, labelstudio_sync, label_trigger
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    host: str = "127.0.0.1"
+    api_port: int = 8000
+    wb_port: int = 8501
+    prefect_port: int = 4200
+    epochs: int = 15
+    traffic: int = 300
+    start_timeout_s: float = 300.0
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    @property
+    def wb_url(self) -> str:
+        return f"http://{self.host}:{self.wb_port}"
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}/api"
+
+
+def streamlit_argv(*, host: str, port: int) -> list[str]:
+    """The workbench command: product mode (no developer toolbar, no file watcher)."""
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(ROOT / "app" / "workbench.py"),
+        "--server.port",
+        str(port),
+        "--server.address",
+        host,
+        "--server.headless",
+        "true",
+        "--server.fileWatcherType",
+        "none",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "viewer",
+    ]
+
+
+def prefect_server_argv(*, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "quarkflow_core.cli", *args]
+
+
+def demo_env(settings: Settings, plan: DemoPlan) -> dict[str, str]:
+    """One environment for every process: the same QF_* settings, all pointed at each other."""
+    env = dict(os.environ)
+    env.update(
+        QF_PREFECT_API_URL=plan.prefect_url,
+        PREFECT_API_URL=plan.prefect_url,
+        QF_API_URL=plan.api_url,
+        PREFECT_HOME=str((settings.data_dir / "prefect").resolve()),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.setdefault("QF_PUBLIC_API_URL", plan.api_url)
+    return env
+
+
+def _ok(url: str) -> bool:
+    return httpx.get(url, timeout=3).status_code == 200
+
+
+def _deployments_ready(prefect_url: str) -> bool:
+    r = httpx.post(f"{prefect_url}/deployments/filter", json={}, timeout=5)
+    return len(r.json()) >= DEPLOYMENTS
+
+
+def _outbox_drained(api_url: str) -> bool:
+    report = httpx.get(f"{api_url}/readyz", timeout=5).json()
+    return report["ready"] and report["checks"]["outbox"]["depth"] == 0
+
+
+def prepare(sup: Supervisor, settings: Settings, plan: DemoPlan, env: dict[str, str]) -> Path:
+    """Migrations, seed data, the demo model (trained once), the champion, the demo users."""
+    from quarkflow_core.database import get_engine, session_scope
+    from quarkflow_core.demo import ensure_demo_users
+
+    model = settings.data_dir / DEMO_MODEL_DIR
+    sup.run("migrations", _cli("db", "upgrade"), env=env)
+    sup.run("seed data", _cli("seed-demo"), env=env)
+    if not (model / "manifest.json").exists():
+        sup.run(
+            "training",
+            _cli("train", "--out", str(model), "--epochs", str(plan.epochs)),
+            env=env,
+        )
+        sup.run("export", _cli("export", str(model), "--format", "onnx"), env=env)
+    sup.run("champion", _cli("demo-bootstrap", str(model)), env=env)
+    with session_scope(get_engine(settings.database_url)) as s:
+        ensure_demo_users(session=s)
+    return model
+
+
+def send_traffic(
+    sup: Supervisor, settings: Settings, plan: DemoPlan, out: Callable[[str], None]
+) -> None:
+    """Unseen digits through the running API as demo-expert, with a token that expires in 15
+    minutes and is revoked once the predictions are logged. Images already predicted (an
+    earlier `make demo`) are not sent again."""
+    from quarkflow_core.database import get_engine, session_scope
+    from quarkflow_core.demo import DEMO_EXPERT, pending_traffic, send_demo_traffic
+    from quarkflow_core.users import create_token, get_user, revoke_token
+
+    engine = get_engine(settings.database_url)
+    with session_scope(engine) as s:
+        total, pngs = pending_traffic(session=s, n=plan.traffic)
+    if not pngs:
+        out(f"demo traffic: all {total} unseen digits were predicted before; none sent again")
+        return
+    with session_scope(engine) as s:
+        row, token = create_token(
+            session=s,
+            user=get_user(session=s, username=DEMO_EXPERT),
+            secret=settings.secret_key.get_secret_value(),
+            name="demo traffic",
+            expires_in=timedelta(minutes=15),
+        )
+        token_id = row.id
+    try:
+        flagged = send_demo_traffic(api_url=plan.api_url, token=token, pngs=pngs)
+        sup.wait_until(
+            lambda: _outbox_drained(plan.api_url), timeout_s=120, what="the traffic to be logged"
+        )
+    finally:
+        with session_scope(engine) as s:
+            revoke_token(session=s, token_id=token_id)
+    out(
+        f"demo traffic: {len(pngs)} unseen digits predicted through the API; {flagged} were "
+        "low-confidence and are in the review queue"
+    )
+
+
+def banner(settings: Settings, plan: DemoPlan) -> str:
+    from quarkflow_core.demo import DEMO_LEAD_PASSWORD
+
+    logs = settings.data_dir / "logs"
+    return "\n".join(
+        [
+            "",
+            "Quarkflow is running (embedded default: "
+            f"{settings.database_backend} + {settings.storage_url}; logs in {logs}/)",
+            f"  Demo, for domain experts:   {plan.api_url}/demo   (no sign-in on localhost)",
+            f"  Workbench:                  {plan.wb_url}   sign in as demo-analyst or demo-lead,"
+            f" password {DEMO_LEAD_PASSWORD}",
+            f"  REST API:                   {plan.api_url}/docs",
+            f"  Prefect (retrains, flows):  {plan.prefect_url.removesuffix('/api')}",
+            "Ctrl-C stops everything.",
+            "",
+        ]
+    )
+
+
+def run_demo(settings: Settings, plan: DemoPlan, *, out: Callable[[str], None] = print) -> int:
+    """Prepare, start, wire and watch the whole product; returns the exit code."""
+    for name, port in (
+        ("API", plan.api_port),
+        ("workbench", plan.wb_port),
+        ("Prefect server", plan.prefect_port),
+    ):
+        if not port_free(plan.host, port):
+            raise ConfigError(
+                f"port {port} ({name}) is taken: is another `make demo` running? Stop it, or "
+                "choose other ports (make demo PORT=8010 WB_PORT=8511 PREFECT_PORT=4210)"
+            )
+    env = demo_env(settings, plan)
+    logs = settings.data_dir / "logs"
+    with Supervisor(out=out) as sup:
+        try:
+            prepare(sup, settings, plan, env)
+            out("starting the Prefect server, the API + demo and the workbench ...")
+            sup.start(
+                "prefect-server",
+                prefect_server_argv(host=plan.host, port=plan.prefect_port),
+                env=env,
+                log_path=logs / "prefect-server.log",
+            )
+            sup.start(
+                "api",
+                _cli("serve", "--host", plan.host, "--port", str(plan.api_port)),
+                env=env,
+                log_path=logs / "api.log",
+            )
+            sup.start(
+                "workbench",
+                streamlit_argv(host=plan.host, port=plan.wb_port),
+                env=env,
+                log_path=logs / "workbench.log",
+            )
+            timeout = plan.start_timeout_s
+            sup.wait_until(
+                lambda: _ok(plan.prefect_url + "/health"), timeout_s=timeout, what="Prefect"
+            )
+            sup.start("worker", _cli("worker"), env=env, log_path=logs / "worker.log")
+            sup.wait_until(lambda: _ok(plan.api_url + "/readyz"), timeout_s=timeout, what="the API")
+            sup.wait_until(
+                lambda: _outbox_drained(plan.api_url), timeout_s=timeout, what="the outbox"
+            )
+            send_traffic(sup, settings, plan, out)
+            sup.wait_until(
+                lambda: _ok(plan.wb_url + "/_stcore/health"), timeout_s=timeout, what="workbench"
+            )
+            sup.wait_until(
+                lambda: _deployments_ready(plan.prefect_url),
+                timeout_s=timeout,
+                what="the worker's deployments",
+            )
+            out(banner(settings, plan))
+            while True:
+                sup.sleep(1.0)
+                dead = sup.failed()
+                if dead is not None:
+                    out(
+                        f"{dead.name} stopped unexpectedly (exit {dead.proc.returncode}); "
+                        f"stopping everything. Last lines of {dead.log_path}:\n{dead.tail()}"
+                    )
+                    return 1
+        except Stopped:
+            out(f"{sup.reason or 'stop'} received: stopping every Quarkflow process ...")
+            return 0
+        finally:
+            sup.shutdown()
+            out("stopped.")

@@ -1,0 +1,125 @@
+"""The supervisor behind `make demo`: one Ctrl-C (SIGINT to the terminal's process group),
+a SIGTERM to it, or the death of whatever started it (``make``), stops every process it
+started, grandchildren in their own sessions included (as Prefect starts flow runs), and
+frees their ports. Real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from serving_helpers import free_port, wait_until
+
+from quarkflow_core.supervisor import port_free
+
+pytestmark = pytest.mark.integration
+
+# A service that holds a port and starts a grandchild in a new session that holds another port
+# and would outlive its parent (what Prefect's runner does with flow runs).
+SERVICE = textwrap.dedent(
+    """
+    import socket, subprocess, sys, time
+    port, grand_port, pidfile = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    s = socket.socket(); s.bind(("127.0.0.1", port)); s.listen()
+    g = subprocess.Popen([sys.executable, "-c",
+        "import socket,time,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])));"
+        "s.listen(); time.sleep(600)", str(grand_port)], start_new_session=True)
+    open(pidfile, "w").write(str(g.pid))
+    time.sleep(600)
+    """
+)
+# A stubborn service that ignores SIGTERM: the supervisor must SIGKILL it after the grace.
+STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+
+SUPERVISOR = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from quarkflow_core.supervisor import Supervisor, Stopped
+    service, stubborn, out = sys.argv[1], sys.argv[2], Path(sys.argv[4])
+    ports = json.loads(sys.argv[3])
+    with Supervisor(grace_s=3) as sup:
+        try:
+            a = sup.start("a", [sys.executable, "-c", service, str(ports[0]), str(ports[1]),
+                                str(out / "grandchild.pid")], log_path=out / "a.log")
+            b = sup.start("b", [sys.executable, "-c", stubborn], log_path=out / "b.log")
+            (out / "children.json").write_text(json.dumps([a.proc.pid, b.proc.pid]))
+            while True:
+                sup.sleep(0.2)
+        except Stopped:
+            (out / "stopped").write_text(sup.reason or "")
+    """
+)
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _start(tmp_path: Path, *, via_parent: bool):
+    ports = [free_port(), free_port()]
+    argv = [
+        sys.executable,
+        "-c",
+        SUPERVISOR,
+        SERVICE,
+        STUBBORN,
+        json.dumps(ports),
+        str(tmp_path),
+    ]
+    if via_parent:  # a parent that is not us, like `make`: a shell that waits on it
+        argv = ["bash", "-c", shlex.join(argv) + "; true"]
+    proc = subprocess.Popen(argv, start_new_session=True, cwd=Path(__file__).parents[1])
+    wait_until(
+        lambda: (tmp_path / "grandchild.pid").exists() and all(_port_taken(p) for p in ports),
+        timeout=60,
+        what="the supervised services",
+    )
+    pids = [*json.loads((tmp_path / "children.json").read_text())]
+    pids.append(int((tmp_path / "grandchild.pid").read_text()))
+    assert all(psutil.pid_exists(p) for p in pids)
+    return proc, pids, ports
+
+
+def _assert_all_gone(pids: list[int], ports: list[int]) -> None:
+    def gone() -> bool:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        return not alive
+
+    wait_until(gone, timeout=30, what="every supervised process to exit")
+    assert all(port_free("127.0.0.1", p) for p in ports)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_one_signal_stops_every_process_and_frees_ports(tmp_path, sig):
+    proc, pids, ports = _start(tmp_path, via_parent=False)
+    if sig == signal.SIGINT:  # Ctrl-C: the terminal signals the whole foreground group
+        os.killpg(proc.pid, sig)
+    else:  # a supervisor or a second terminal: `kill PID`
+        proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 0
+    assert (tmp_path / "stopped").read_text() == sig.name
+    _assert_all_gone(pids, ports)
+
+
+def test_parent_dying_stops_everything(tmp_path):
+    """SIGTERM to `make` (the launcher's parent) must not leave the launcher and its services."""
+    parent, pids, ports = _start(tmp_path, via_parent=True)
+    supervisor = [c for c in psutil.Process(parent.pid).children() if "python" in c.name()]
+    assert len(supervisor) == 1
+    parent.kill()  # the parent goes away without forwarding anything
+    parent.wait(timeout=10)
+    t0 = time.monotonic()
+    _assert_all_gone([*pids, supervisor[0].pid], ports)
+    assert time.monotonic() - t0 < 30
