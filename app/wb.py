@@ -1,5 +1,6 @@
 """What every workbench page shares: cached engine and storage, the signed-in user, the
-filter sidebar, and turning core errors into st.error with what to do."""
+filter sidebar, table columns formatted for people, the "nothing here yet" hints, and turning
+core errors into st.error with what to do."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import streamlit as st
 from sqlalchemy.orm import Session
 
+from quarkflow_core import formatting as fmt
 from quarkflow_core.analytics import Filters
 from quarkflow_core.errors import QuarkflowError
 from quarkflow_core.schema import Role
@@ -68,16 +70,17 @@ def guarded(fn: Callable[[], Any]) -> Any:
 
 
 def filters(s: Session, *, key: str) -> Filters:
-    from sqlalchemy import select
-
-    from quarkflow_core.schema import ModelVersion
+    from quarkflow_core.registry import list_versions
 
     with st.sidebar:
         st.subheader("Filters")
         span = st.selectbox("Time range", list(RANGES), index=1, key=f"{key}-range")
-        versions = list(s.scalars(select(ModelVersion.version).order_by(ModelVersion.version)))
+        versions = [v.version for v in list_versions(session=s)]
         version = st.selectbox(
-            "Model version", ["all", *versions], key=f"{key}-version", format_func=str
+            "Model version",
+            ["all", *versions],
+            key=f"{key}-version",
+            format_func=lambda v: v if v == "all" else fmt.version(v),
         )
         from quarkflow_core.review import project_classes
 
@@ -93,3 +96,56 @@ def filters(s: Session, *, key: str) -> Filters:
         model_version=None if version == "all" else int(version),
         label=None if label == "all" else label,
     )
+
+
+def no_predictions_hint(total_ever: int) -> str:
+    """What to do when a page has no predictions to show: send some, or widen the filters."""
+    if total_ever == 0:
+        conf = settings()
+        api = (conf.public_api_url or conf.api_url or "http://127.0.0.1:8000").rstrip("/")
+        return (
+            f"No predictions yet: open the demo at [{api}/demo]({api}/demo) and upload a digit, "
+            f"or POST images to `{api}/api/v1/predictions` (`make demo` sends a few hundred "
+            "unseen digits on its first start). They show up here within seconds."
+        )
+    return (
+        f"None of the {total_ever:,} predictions match these filters: widen the time range "
+        "or set model version and predicted class back to 'all' in the sidebar."
+    )
+
+
+# --------------------------------------------------------------------------- table columns
+# st.dataframe columns that show numbers and times the way quarkflow_core.formatting does.
+
+
+def time_column(label: str) -> Any:
+    """A timestamp, "29 Nov 2026, 21:54", in UTC (say so in the label)."""
+    return st.column_config.DatetimeColumn(
+        f"{label} (UTC)", format=fmt.TABLE_TIME_FORMAT, timezone="UTC"
+    )
+
+
+def confidence_column(label: str = "confidence") -> Any:
+    """A fraction in [0, 1] as a bar with its percentage."""
+    return st.column_config.ProgressColumn(label, format="percent", min_value=0.0, max_value=1.0)
+
+
+def number_column(label: str, format_: str = "%,d") -> Any:
+    """A count with thousands separators, or another printf format ("#%d" for ids)."""
+    return st.column_config.NumberColumn(label, format=format_)
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def image(storage_key: str) -> bytes:
+    """An image's bytes from storage; keys are content hashes, so caching never goes stale."""
+    return storage().get(storage_key)
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def thumbnail(storage_key: str) -> str:
+    """An image as a data URI, for st.column_config.ImageColumn."""
+    import base64
+
+    ext = storage_key.rsplit(".", 1)[-1].lower() if "." in storage_key else "png"
+    mime = {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp", "gif": "gif"}.get(ext, "png")
+    return f"data:image/{mime};base64,{base64.b64encode(image(storage_key)).decode()}"

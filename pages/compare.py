@@ -7,7 +7,46 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import wb
+from quarkflow_core import formatting as fmt
 from quarkflow_core import registry
+
+NEXT_VERSION = (
+    "an ML lead starts a retrain on Training runs, or run `quarkflow train --out DIR` then "
+    "`quarkflow models register DIR --challenger`"
+)
+
+
+def metric_table(rep: dict, a: int, b: int) -> None:
+    """Accuracy, ECE, size and latency of both, each in its unit, with B - A."""
+    lo, hi = rep["accuracy_delta_ci95"]
+    labels = {
+        "accuracy": "accuracy",
+        "ece": "ECE (calibration error)",
+        "size_bytes": "size",
+        "latency_ms": "latency (median, batch 1)",
+    }
+    rows = [
+        ("accuracy", rep["accuracy_a"], rep["accuracy_b"], rep["accuracy_delta"]),
+        ("ece", rep["ece_a"], rep["ece_b"], rep["ece_delta"]),
+        *[(k, rep["meta_a"].get(k), rep["meta_b"].get(k), d) for k, d in rep["deltas"].items()],
+    ]
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "metric": labels.get(key, key),
+                    fmt.version(a): fmt.metric(key, va),
+                    fmt.version(b): fmt.metric(key, vb),
+                    "B - A": fmt.metric_delta(key, d),
+                    "95% CI": f"{fmt.points(lo, 2)} to {fmt.points(hi, 2)}"
+                    if key == "accuracy"
+                    else "",
+                }
+                for key, va, vb, d in rows
+            ]
+        ),
+        hide_index=True,
+    )
 
 
 def body() -> None:
@@ -15,12 +54,18 @@ def body() -> None:
     with wb.session() as s:
         versions = registry.list_versions(session=s)
         if len(versions) < 2:
-            st.info("Register at least two versions to compare them.")
+            have = (
+                f"Only {fmt.version(versions[0].version)} is registered"
+                if versions
+                else "No model version is registered yet"
+            )
+            st.info(f"{have}: a comparison needs two. To get another, {NEXT_VERSION}.")
             return
         names = {v.version: v for v in versions}
         named = {a: v.version for a, v in registry.aliases(session=s).items()}
         default_a = named.get("champion", versions[0].version)
-        default_b = named.get("challenger", versions[-1].version)
+        others = [v.version for v in versions if v.version != default_a]
+        default_b = named.get("challenger", others[-1])  # never A itself: nothing to compare
         c1, c2 = st.columns(2)
         a = c1.selectbox(
             "A (reference)",
@@ -46,42 +91,12 @@ def body() -> None:
                 cache_root=wb.settings().data_dir / "model-cache",
             )
         variants = [registry.summary(v, session=s) for v in versions]
-    lo, hi = rep["accuracy_delta_ci95"]
     verdict = rep["verdict"]
     st.subheader(
-        f"v{b} vs v{a}: {verdict} (McNemar p = {rep['mcnemar']['p_value']:.3g}, n = {rep['n']})"
+        f"v{b} vs v{a}: {verdict} (McNemar p = {rep['mcnemar']['p_value']:.3g}, "
+        f"n = {rep['n']:,} hold-out images)"
     )
-    st.dataframe(
-        pd.DataFrame(
-            [
-                {
-                    "metric": "accuracy",
-                    f"v{a}": rep["accuracy_a"],
-                    f"v{b}": rep["accuracy_b"],
-                    "delta": rep["accuracy_delta"],
-                    "95% CI": f"[{lo:+.4f}, {hi:+.4f}]",
-                },
-                {
-                    "metric": "ECE",
-                    f"v{a}": rep["ece_a"],
-                    f"v{b}": rep["ece_b"],
-                    "delta": rep["ece_delta"],
-                    "95% CI": "",
-                },
-                *[
-                    {
-                        "metric": k,
-                        f"v{a}": rep["meta_a"].get(k),
-                        f"v{b}": rep["meta_b"].get(k),
-                        "delta": v,
-                        "95% CI": "",
-                    }
-                    for k, v in rep["deltas"].items()
-                ],
-            ]
-        ),
-        hide_index=True,
-    )
+    metric_table(rep, a, b)
     per = pd.DataFrame(
         [
             {"class": c, "recall delta": m["recall_delta"], "F1 delta": m["f1_delta"]}
@@ -96,7 +111,10 @@ def body() -> None:
             color="variable",
             barmode="group",
             title="Per-class deltas (B - A)",
-        ),
+            labels={"value": "change", "variable": ""},
+        )
+        .update_traces(hovertemplate="class %{x}: %{y:+.1%}<extra></extra>")
+        .update_layout(xaxis_type="category", yaxis_tickformat="+.0%"),
         width="stretch",
     )
     ca, cb = np.array(rep["confusion_a"]), np.array(rep["confusion_b"])
@@ -116,7 +134,7 @@ def body() -> None:
                 title=title,
                 labels={"x": "predicted", "y": "true"},
                 color_continuous_scale="RdBu" if "difference" in title else "Blues",
-            ),
+            ).update_layout(xaxis_type="category", yaxis_type="category"),
             width="stretch",
         )
     rel = go.Figure()
@@ -136,7 +154,11 @@ def body() -> None:
     left, right = st.columns(2)
     left.plotly_chart(
         rel.update_layout(
-            title="Reliability diagram", xaxis_title="confidence", yaxis_title="accuracy"
+            title="Reliability diagram",
+            xaxis_title="confidence",
+            yaxis_title="accuracy",
+            xaxis_tickformat=".0%",
+            yaxis_tickformat=".0%",
         ),
         width="stretch",
     )
@@ -147,7 +169,8 @@ def body() -> None:
                 "accuracy": v["metrics"].get("accuracy"),
                 "latency_ms": v["metrics"].get("latency_ms_batch1"),
                 "size_mb": v["size_bytes"] / 1e6,
-                "pruned": v["parent_version"] is not None,
+                "size": fmt.size(v["size_bytes"]),
+                "variant": "pruned" if v["parent_version"] is not None else "trained",
             }
             for v in variants
         ]
@@ -158,14 +181,22 @@ def body() -> None:
             x="latency_ms",
             y="accuracy",
             size="size_mb",
-            color="pruned",
+            color="variant",
             text="version",
+            hover_data={"size": True, "size_mb": False, "accuracy": ":.2%"},
+            labels={"latency_ms": "latency (ms, batch 1)"},
             title="Size / latency / accuracy (all versions, pruned variants marked)",
-        ),
+        )
+        .update_traces(textposition="top center")
+        .update_layout(yaxis_tickformat=".0%"),
         width="stretch",
     )
     dis = rep["disagreements"][:12]
-    st.caption(f"{len(rep['disagreements'])} hold-out images where the two disagree")
+    n_dis = len(rep["disagreements"])
+    st.caption(
+        f"{n_dis:,} hold-out images where the two disagree"
+        + (f" (the first {len(dis)} below)" if n_dis > len(dis) else "")
+    )
     if dis:
         from quarkflow_core.images import get_image_by_sha
 
@@ -176,7 +207,7 @@ def body() -> None:
             ]
         cols = st.columns(12)
         for col, key in zip(cols, keys, strict=False):
-            col.image(wb.storage().get(key), width=56)
+            col.image(wb.image(key), width=56)
 
 
 wb.guarded(body)

@@ -6,6 +6,162 @@ import streamlit as st
 
 from app import wb
 from quarkflow_core import analytics
+from quarkflow_core import formatting as fmt
+
+
+def metrics(ov: dict) -> None:
+    lat = ov["latency_ms"]
+    queue = ov["review_queue"]
+    cols = st.columns(7)
+    cols[0].metric("Predictions", fmt.number(ov["predictions"]))
+    cols[1].metric("Feedback", fmt.number(ov["feedback"]))
+    cols[2].metric(
+        "Live accuracy",
+        fmt.percent(ov["live_accuracy"]),
+        help="Share of expert verdicts that said 'correct' in this range.",
+    )
+    for col, q in zip(cols[3:6], ("p50", "p95", "p99"), strict=True):
+        col.metric(f"Latency {q}", fmt.ms(lat[q]), help="Model latency per image, in the API.")
+    cols[6].metric(
+        "Review queue",
+        fmt.number(queue["open"] + queue["sent"] + queue["disputed"]),
+        delta=f"{queue['disputed']:,} disputed",
+        delta_color="off",
+        delta_arrow="off",
+        help="Open, sent to Label Studio or disputed (an expert said 'wrong').",
+    )
+
+
+def request_outcomes() -> None:
+    url = wb.settings().api_url
+    api = analytics.api_request_counts(url)
+    if api is None:
+        st.caption(
+            f"Request outcomes: the API's /metrics is not reachable at {url or '(unset)'}; "
+            "start it with `quarkflow serve` or point QF_API_URL at it."
+        )
+    else:
+        st.caption(
+            f"API requests since it started: {api['success']:,} succeeded, "
+            f"{api['client_error']:,} refused (4xx: bad uploads, auth), "
+            f"{api['server_error']:,} failed (5xx)"
+        )
+
+
+STEP = {"hour": pd.Timedelta(hours=1), "day": pd.Timedelta(days=1)}
+
+
+def by_time(rows: list[dict]) -> pd.DataFrame:
+    """Rows keyed by a time-bucket label, with the bucket as a datetime for a date axis."""
+    df = pd.DataFrame(rows)
+    df["bucket"] = pd.to_datetime(df["bucket"])
+    return df
+
+
+def time_axis(fig, buckets: pd.Series, bucket: str):
+    """Readable ticks and half a bucket of margin either side, so a single bucket is drawn
+    as a bucket, not as a zoom into milliseconds."""
+    pad = STEP[bucket] / 2
+    return fig.update_xaxes(
+        type="date",
+        range=[buckets.min() - pad, buckets.max() + pad],
+        tickformat="%d %b, %H:%M" if bucket == "hour" else "%d %b %Y",
+        title="time (UTC)",
+    )
+
+
+def traffic(series: pd.DataFrame, bucket: str) -> None:
+    width_ms = 0.8 * STEP[bucket].total_seconds() * 1000
+    left, right = st.columns(2)
+    bars = px.bar(series, x="bucket", y="predictions", title="Predictions (throughput)")
+    bars.update_traces(width=width_ms, hovertemplate="%{x}<br>%{y:,d} predictions<extra></extra>")
+    left.plotly_chart(
+        time_axis(bars, series["bucket"], bucket).update_layout(yaxis_tickformat=",d"),
+        width="stretch",
+    )
+    line = px.line(
+        series,
+        x="bucket",
+        y="mean_latency_ms",
+        markers=True,
+        title="Mean latency",
+        labels={"mean_latency_ms": "latency (ms)"},
+    )
+    line.update_traces(hovertemplate="%{x}<br>%{y:.1f} ms<extra></extra>")
+    right.plotly_chart(time_axis(line, series["bucket"], bucket), width="stretch")
+
+
+def live_accuracy(rows: list[dict], bucket: str) -> None:
+    accs = by_time(rows)
+    fig = px.line(
+        accs,
+        x="bucket",
+        y="accuracy",
+        markers=True,
+        title="Live accuracy from feedback",
+        range_y=[0, 1.05],
+        custom_data=["feedback"],
+    )
+    fig.update_traces(
+        hovertemplate="%{x}<br>%{y:.1%} of %{customdata[0]:,d} verdicts<extra></extra>"
+    )
+    st.plotly_chart(
+        time_axis(fig, accs["bucket"], bucket).update_layout(yaxis_tickformat=".0%"),
+        width="stretch",
+    )
+
+
+def confidence(hist: list[dict], bucket: str) -> None:
+    h = by_time(hist)
+    h["bin"] += 0.05  # the bin's centre: its lower edge may fall a rounding error short
+    step_ms = STEP[bucket].total_seconds() * 1000
+    fig = px.density_heatmap(
+        h,
+        x="bucket",
+        y="bin",
+        z="count",
+        histfunc="sum",
+        title="Confidence distribution over time",
+        labels={"bin": "confidence", "count": "predictions"},
+    )
+    start = h["bucket"].min() - STEP[bucket] / 2
+    fig.update_traces(
+        xbins={"start": start, "end": h["bucket"].max() + STEP[bucket] / 2, "size": step_ms},
+        ybins={"start": 0.0, "end": 1.0, "size": 0.1},
+        hovertemplate="%{x}<br>confidence %{y:.0%}<br>%{z:,d} predictions<extra></extra>",
+    )
+    fig.update_layout(
+        yaxis={"tickformat": ".0%", "range": [0, 1]}, coloraxis_colorbar_title="predictions"
+    )
+    st.plotly_chart(time_axis(fig, h["bucket"], bucket), width="stretch")
+
+
+def drift(dr: dict) -> None:
+    d = pd.DataFrame(
+        {
+            "class": dr["classes"],
+            "training snapshot": list(dr["train"].values()),
+            "predicted": list(dr["live"].values()),
+        }
+    )
+    d = d.melt(id_vars="class", var_name="source", value_name="count")
+    d["share"] = d["count"] / d.groupby("source")["count"].transform("sum").clip(lower=1)
+    psi = fmt.MISSING if dr["psi"] is None else f"{dr['psi']:.3f}"
+    js = fmt.MISSING if dr["js_distance"] is None else f"{dr['js_distance']:.3f}"
+    fig = px.bar(
+        d,
+        x="class",
+        y="share",
+        color="source",
+        barmode="group",
+        hover_data={"count": ":,d", "share": ":.1%"},
+        title=f"Predicted classes vs {fmt.version(dr['version'])}'s training data: "
+        f"PSI {psi}, Jensen-Shannon {js}",
+    )
+    st.plotly_chart(
+        fig.update_layout(yaxis_tickformat=".0%", xaxis_type="category"), width="stretch"
+    )
+    st.caption("PSI above 0.2 usually means the traffic no longer looks like the training data.")
 
 
 def body() -> None:
@@ -16,101 +172,31 @@ def body() -> None:
         ov = analytics.overview(session=s, filters=f, bucket=bucket)
         hist = analytics.confidence_histogram(session=s, filters=f, bucket=bucket)
         dr = analytics.drift(session=s, filters=f)
-    lat = ov["latency_ms"]
-    acc = ov["live_accuracy"]
-    queue = ov["review_queue"]
-    cols = st.columns(6)
-    cols[0].metric("Predictions", f"{ov['predictions']:,}")
-    cols[1].metric("Feedback", f"{ov['feedback']:,}")
-    cols[2].metric("Live accuracy", "–" if acc is None else f"{acc:.1%}")
-    cols[3].metric(
-        "Latency p50 / p95 (ms)",
-        "–" if lat["p50"] is None else f"{lat['p50']:.0f} / {lat['p95']:.0f}",
-    )
-    cols[4].metric("Latency p99", "–" if lat["p99"] is None else f"{lat['p99']:.1f} ms")
-    cols[5].metric(
-        f"Review queue ({queue['disputed']} disputed)",
-        f"{queue['open'] + queue['sent'] + queue['disputed']:,}",
-    )
-    api = analytics.api_request_counts(wb.settings().api_url)
-    if api is None:
-        st.caption("Request outcomes: the API's /metrics is not reachable (QF_API_URL).")
-    else:
-        st.caption(
-            f"API requests since it started: {api['success']:,} succeeded, "
-            f"{api['client_error']:,} refused (4xx: bad uploads, auth), "
-            f"{api['server_error']:,} failed (5xx)"
+        # nothing in range: is there anything at all? (decides what the hint says)
+        ever = ov["predictions"] or analytics.count_predictions(
+            session=s, filters=analytics.Filters()
         )
+    metrics(ov)
+    request_outcomes()
     if not ov["series"]:
-        st.info("No predictions in this range yet: send some through the demo (/demo) or the API.")
+        st.info(wb.no_predictions_hint(ever))
         return
-    series = pd.DataFrame(ov["series"])
+    traffic(by_time(ov["series"]), bucket)
     left, right = st.columns(2)
-    left.plotly_chart(
-        px.bar(series, x="bucket", y="predictions", title="Predictions (throughput)"),
-        width="stretch",
-    )
-    right.plotly_chart(
-        px.line(series, x="bucket", y="mean_latency_ms", markers=True, title="Mean latency (ms)"),
-        width="stretch",
-    )
-    left, right = st.columns(2)
-    if ov["accuracy_series"]:
-        accs = pd.DataFrame(ov["accuracy_series"])
-        left.plotly_chart(
-            px.line(
-                accs,
-                x="bucket",
-                y="accuracy",
-                markers=True,
-                title="Live accuracy from feedback",
-                range_y=[0, 1],
-            ),
-            width="stretch",
-        )
-    else:
-        left.info("No feedback in this range: live accuracy needs experts' verdicts.")
+    with left:
+        if ov["accuracy_series"]:
+            live_accuracy(ov["accuracy_series"], bucket)
+        else:
+            st.info(
+                "No feedback in this range: live accuracy needs experts' verdicts. They give "
+                "them with the demo's Correct / Wrong buttons or "
+                "`POST /api/v1/predictions/{id}/feedback`."
+            )
     if hist:
-        h = pd.DataFrame(hist)
-        right.plotly_chart(
-            px.density_heatmap(
-                h,
-                x="bucket",
-                y="bin",
-                z="count",
-                histfunc="sum",
-                nbinsy=10,
-                title="Confidence distribution over time",
-            ),
-            width="stretch",
-        )
+        with right:
+            confidence(hist, bucket)
     if dr["version"] is not None:
-        d = pd.DataFrame(
-            {
-                "class": dr["classes"],
-                "training snapshot": list(dr["train"].values()),
-                "predicted": list(dr["live"].values()),
-            }
-        )
-        d = d.melt(id_vars="class", var_name="source", value_name="count")
-        d["share"] = d["count"] / d.groupby("source")["count"].transform("sum").clip(lower=1)
-        psi = "–" if dr["psi"] is None else f"{dr['psi']:.3f}"
-        js = "–" if dr["js_distance"] is None else f"{dr['js_distance']:.3f}"
-        st.plotly_chart(
-            px.bar(
-                d,
-                x="class",
-                y="share",
-                color="source",
-                barmode="group",
-                title=f"Predicted classes vs v{dr['version']}'s training data: "
-                f"PSI {psi}, Jensen-Shannon {js}",
-            ),
-            width="stretch",
-        )
-        st.caption(
-            "PSI above 0.2 usually means the traffic no longer looks like the training data."
-        )
+        drift(dr)
 
 
 wb.guarded(body)

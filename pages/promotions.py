@@ -5,8 +5,59 @@ import pandas as pd
 import streamlit as st
 
 from app import wb
+from quarkflow_core import formatting as fmt
 from quarkflow_core import registry
 from quarkflow_core.schema import Role
+
+NEW_VERSION = (
+    "an ML lead starts a retrain on Training runs, or run `quarkflow train --out DIR` then "
+    "`quarkflow models register DIR --challenger`"
+)
+# Material icons (shipped with Streamlit) render where no emoji font is installed.
+CHECK_ICON = {True: ":green[:material/check_circle:]", False: ":red[:material/cancel:]"}
+
+
+def history_table(events: list[dict]) -> None:
+    df = pd.DataFrame(
+        [
+            {
+                **e,
+                "at": fmt.as_utc(e["at"]),
+                "change": fmt.version(e["to_version"])
+                if e["from_version"] is None
+                else f"{fmt.version(e['from_version'])} → {fmt.version(e['to_version'])}",
+            }
+            for e in events[::-1]
+        ]
+    )
+    df["action"] = df["action"].map(fmt.words)
+    df["policy_verdict"] = df["policy_verdict"].map(fmt.words)
+    df["evidence"] = df["evidence_sha256"].map(lambda x: fmt.short_id(x, 12))
+    st.dataframe(
+        df[
+            [
+                "id",
+                "at",
+                "action",
+                "alias",
+                "change",
+                "actor",
+                "reason",
+                "policy_verdict",
+                "evidence",
+            ]
+        ],
+        hide_index=True,
+        column_config={
+            "id": wb.number_column("event", "#%d"),
+            "at": wb.time_column("when"),
+            "reason": st.column_config.TextColumn("reason", width="medium"),
+            "policy_verdict": st.column_config.TextColumn("policy verdict"),
+            "evidence": st.column_config.TextColumn(
+                "evidence sha256", help="The frozen evidence bundle's hash (first 12 digits)."
+            ),
+        },
+    )
 
 
 def body() -> None:
@@ -15,8 +66,22 @@ def body() -> None:
     with wb.session() as s:
         named = {a: v.version for a, v in registry.aliases(session=s).items()}
         versions = [v.version for v in registry.list_versions(session=s)]
-    st.write(f"Champion: **v{named['champion']}**" if "champion" in named else "No champion yet.")
+    if "champion" in named:
+        st.write(f"Champion: **v{named['champion']}**")
+    else:
+        st.info(
+            "No champion yet: nothing is served. Approve a candidate below, or run "
+            "`quarkflow demo-bootstrap DIR` for the demo model."
+            if versions
+            else "No champion yet, and no model version is registered: to register one, "
+            f"{NEW_VERSION}."
+        )
     candidates = [v for v in versions if v != named.get("champion")]
+    if not candidates and versions:
+        st.info(
+            f"No candidate: {fmt.version(named.get('champion'))} is the only version. "
+            f"To propose another, {NEW_VERSION}."
+        )
     if candidates:
         default = named.get("challenger", candidates[-1])
         pick = st.selectbox(
@@ -38,15 +103,15 @@ def body() -> None:
         verdict = p.policy.verdict
         (st.success if p.policy.passed else st.warning)(f"Policy: {verdict}")
         for check in p.policy.checks:
-            st.write(
-                ("✅ " if check["passed"] else "❌ ") + f"**{check['name']}**: {check['detail']}"
-            )
+            icon = CHECK_ICON[bool(check["passed"])]
+            st.markdown(f"{icon} **{fmt.words(check['name'])}**: {check['detail']}")
         comp = p.evidence.get("comparison") or {}
         if comp:
             st.caption(
-                f"hold-out accuracy v{comp['a']['version']} {comp['accuracy_a']:.4f} -> "
-                f"v{comp['b']['version']} {comp['accuracy_b']:.4f}; "
-                f"evidence sha256 {p.evidence_sha256[:12]}…"
+                f"hold-out accuracy v{comp['a']['version']} {fmt.percent(comp['accuracy_a'], 2)}"
+                f" → v{comp['b']['version']} {fmt.percent(comp['accuracy_b'], 2)} "
+                f"({fmt.points(comp['accuracy_delta'], 2)} on {fmt.number(comp['n'])} images); "
+                f"evidence sha256 {fmt.short_id(p.evidence_sha256, 12)}…"
             )
         if lead:
             with st.form("decide"):
@@ -103,7 +168,12 @@ def body() -> None:
         events = [registry.event_dict(session=s, event=e) for e in registry.history(session=s)]
     st.subheader("History")
     if events:
-        st.dataframe(pd.DataFrame(events[::-1]), hide_index=True)
+        history_table(events)
+    else:
+        st.info(
+            "No promotion yet: every approve, reject and rollback lands here with who, when, "
+            "why and the evidence's hash."
+        )
 
 
 wb.guarded(body)

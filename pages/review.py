@@ -4,30 +4,73 @@ import pandas as pd
 import streamlit as st
 
 from app import wb
+from quarkflow_core import formatting as fmt
 from quarkflow_core.predictions import review_queue
 from quarkflow_core.review import dismiss_as_noise, project_classes, resolve_item
+
+
+def queue_table(items: list[dict]) -> None:
+    df = pd.DataFrame(items)
+    df["image"] = df["storage_key"].map(wb.thumbnail)
+    df["reason"] = df["reason"].map(fmt.words)
+    df["created_at"] = df["created_at"].map(fmt.as_utc)
+    st.dataframe(
+        df[
+            [
+                "id",
+                "image",
+                "predicted_label",
+                "confidence",
+                "reason",
+                "state",
+                "priority",
+                "created_at",
+            ]
+        ],
+        hide_index=True,
+        row_height=40,
+        column_config={
+            "id": wb.number_column("item", "#%d"),
+            "image": st.column_config.ImageColumn("image", width="small"),
+            "predicted_label": st.column_config.TextColumn("predicted"),
+            "confidence": wb.confidence_column("calibrated confidence"),
+            "priority": st.column_config.NumberColumn(
+                "priority",
+                format="%.2f",
+                help="Higher is reviewed sooner: 1 and above means someone said 'wrong'.",
+            ),
+            "created_at": wb.time_column("queued"),
+        },
+    )
 
 
 def body() -> None:
     st.title("Review queue")
     with wb.session() as s:
         total, items = review_queue(session=s, limit=100)
-        classes = project_classes(session=s)
-    st.caption(f"{total:,} items open, sent to Label Studio or disputed; most urgent first")
+        classes = project_classes(session=s) if items else []
     if not items:
-        st.success("The queue is empty.")
+        threshold = fmt.percent(wb.settings().review_threshold, 0)
+        st.info(
+            "The review queue is empty: low-confidence predictions (calibrated confidence "
+            f"under {threshold}, QF_REVIEW_THRESHOLD) and 'wrong' verdicts from experts land "
+            "here. Nothing needs a person right now; come back after traffic arrives."
+        )
         return
-    st.dataframe(
-        pd.DataFrame(items)[["id", "predicted_label", "confidence", "reason", "state", "priority"]],
-        hide_index=True,
-    )
+    shown = f"; the {len(items):,} most urgent are listed" if total > len(items) else ""
+    st.caption(f"{total:,} items open, sent to Label Studio or disputed{shown}; most urgent first")
+    queue_table(items)
     item = st.selectbox(
         "Item",
         items,
-        format_func=lambda i: f"#{i['id']} {i['predicted_label']} ({i['reason']}, {i['state']})",
+        format_func=lambda i: (
+            f"#{i['id']}: {i['predicted_label'] or fmt.MISSING} at "
+            f"{fmt.percent(i['confidence'])} ({fmt.words(i['reason'])}, {i['state']})"
+        ),
     )
     left, right = st.columns([1, 2])
-    left.image(wb.storage().get(item["storage_key"]), width=160)
+    left.image(wb.image(item["storage_key"]), width=160)
+    left.caption(f"queued {fmt.when(item['created_at'])}")
     with right.form("decide"):
         label = st.selectbox(
             "Label",

@@ -7,12 +7,81 @@ import streamlit as st
 
 from app import wb
 from quarkflow_core import analytics
+from quarkflow_core import formatting as fmt
 from quarkflow_core.schema import Role
+
+
+def runs_table(runs: list[dict]) -> None:
+    df = pd.DataFrame(runs).drop(columns=["history"])
+    df["duration"] = df["seconds"].map(fmt.seconds)
+    df["error"] = df["error"].fillna("")
+    st.dataframe(
+        df[
+            [
+                "id",
+                "status",
+                "architecture",
+                "device",
+                "epochs",
+                "duration",
+                "accuracy",
+                "snapshot_id",
+                "started_at",
+                "error",
+            ]
+        ],
+        hide_index=True,
+        column_config={
+            "id": wb.number_column("run", "#%d"),
+            "epochs": wb.number_column("epochs"),
+            "duration": st.column_config.TextColumn("duration", help="finished - started"),
+            "accuracy": wb.confidence_column("hold-out accuracy"),
+            "snapshot_id": wb.number_column("snapshot", "#%d"),
+            "started_at": wb.time_column("started"),
+            "error": st.column_config.TextColumn("error", width="medium"),
+        },
+    )
+
+
+def curves(run: dict) -> None:
+    h = pd.DataFrame(run["history"])
+    loss = h.melt(
+        id_vars="epoch",
+        value_vars=[c for c in ("train_loss", "val_loss") if c in h],
+        var_name="curve",
+        value_name="loss",
+    )
+    loss["curve"] = loss["curve"].map(fmt.words)
+    left, right = st.columns(2)
+    left.plotly_chart(
+        px.line(loss, x="epoch", y="loss", color="curve", markers=True, title="Loss").update_layout(
+            xaxis_dtick=1
+        ),
+        width="stretch",
+    )
+    if "val_accuracy" in h:
+        right.plotly_chart(
+            px.line(
+                h,
+                x="epoch",
+                y="val_accuracy",
+                markers=True,
+                title="Validation accuracy",
+                labels={"val_accuracy": "validation accuracy"},
+            ).update_layout(yaxis_tickformat=".0%", xaxis_dtick=1),
+            width="stretch",
+        )
+    if run["status"] == "running":
+        st.progress(
+            min(1.0, len(h) / max(1, run["epochs"] or 1)),
+            text=f"epoch {len(h)} of {run['epochs']}",
+        )
 
 
 def body() -> None:
     st.title("Training runs")
-    if wb.has_role(Role.ML_LEAD):
+    lead = wb.has_role(Role.ML_LEAD)
+    if lead:
         with st.form("retrain"):
             epochs = st.number_input("Epochs", 1, 200, 15)
             kfold = st.number_input("k-fold (0 = off)", 0, 10, 0)
@@ -28,38 +97,29 @@ def body() -> None:
     with wb.session() as s:
         runs = analytics.training_runs(session=s)
     if not runs:
-        st.info("No training run yet.")
+        st.info(
+            "No training run yet: ML leads start one with the form above (the worker, "
+            "`quarkflow worker`, runs it)."
+            if lead
+            else "No training run yet: an ML lead starts one from this page, or on a machine "
+            "with the data: `quarkflow train --out DIR`."
+        )
         return
-    table = pd.DataFrame(runs).drop(columns=["history"])
-    st.dataframe(table, hide_index=True)
+    runs_table(runs)
     run = st.selectbox(
-        "Run", runs, format_func=lambda r: f"#{r['id']} {r['architecture']} {r['status']}"
+        "Run",
+        runs,
+        format_func=lambda r: (
+            f"#{r['id']} {r['architecture']}: {r['status']}, "
+            f"started {fmt.relative(r['started_at'])}"
+        ),
     )
     if run["error"]:
         st.error(run["error"])
     if run["history"]:
-        h = pd.DataFrame(run["history"])
-        loss = h.melt(
-            id_vars="epoch",
-            value_vars=[c for c in ("train_loss", "val_loss") if c in h],
-            var_name="curve",
-            value_name="loss",
-        )
-        left, right = st.columns(2)
-        left.plotly_chart(
-            px.line(loss, x="epoch", y="loss", color="curve", markers=True, title="Loss"),
-            width="stretch",
-        )
-        if "val_accuracy" in h:
-            right.plotly_chart(
-                px.line(h, x="epoch", y="val_accuracy", markers=True, title="Validation accuracy"),
-                width="stretch",
-            )
-        if run["status"] == "running":
-            st.progress(
-                min(1.0, len(h) / max(1, run["epochs"] or 1)),
-                text=f"epoch {len(h)} of {run['epochs']}",
-            )
+        curves(run)
+    else:
+        st.caption("No epoch finished yet: the curves appear after the first one.")
 
 
 wb.guarded(body)

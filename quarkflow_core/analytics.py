@@ -244,6 +244,12 @@ def _kl(p: list[float], q: list[float]) -> float:
 # --------------------------------------------------------------------------- listings
 
 
+def count_predictions(*, session: Session, filters: Filters) -> int:
+    """How many predictions match (``Filters()``: whether there are any at all)."""
+    conds = filters.where(session)
+    return int(session.scalar(select(func.count()).select_from(Prediction).where(*conds)) or 0)
+
+
 def list_predictions(
     *, session: Session, filters: Filters, limit: int = 24, offset: int = 0
 ) -> tuple[int, list[dict[str, Any]]]:
@@ -251,7 +257,7 @@ def list_predictions(
     from quarkflow_core.schema import Image
 
     conds = filters.where(session)
-    total = session.scalar(select(func.count()).select_from(Prediction).where(*conds)) or 0
+    total = count_predictions(session=session, filters=filters)
     latest_fb = (
         select(Feedback.verdict)
         .where(Feedback.prediction_id == Prediction.id)
@@ -280,6 +286,28 @@ def list_predictions(
             "created_at": p.created_at,
         }
         for p, key, version, verdict in rows
+    ]
+
+
+def prediction_feedback(*, session: Session, prediction_id: str) -> list[dict[str, Any]]:
+    """Feedback on one prediction, oldest first, with who gave it (``None``: anonymous)."""
+    from quarkflow_core.schema import User
+
+    rows = session.execute(
+        select(Feedback, User.username)
+        .outerjoin(User, User.id == Feedback.user_id)
+        .where(Feedback.prediction_id == prediction_id)
+        .order_by(Feedback.created_at)
+    ).all()
+    return [
+        {
+            "user": username,
+            "verdict": f.verdict.value,
+            "true_label": f.true_label,
+            "comment": f.comment,
+            "created_at": f.created_at,
+        }
+        for f, username in rows
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -172,3 +173,9 @@ def load_settings(**overrides: object) -> Settings:
 def get_settings() -> Settings:
     """The process-wide settings. Tests call ``get_settings.cache_clear()`` to override."""
     return load_settings()
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """The environment for a process Quarkflow starts (`quarkflow demo`'s services): this
+    process's environment, so they read the same settings, plus ``overrides``."""
+    return {**os.environ, **overrides}

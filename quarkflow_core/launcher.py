@@ -8,7 +8,6 @@ Ctrl-C or SIGTERM stops all of them and whatever they started."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from quarkflow_core.config import Settings
+from quarkflow_core.config import Settings, child_environment
 from quarkflow_core.errors import ConfigError
 from quarkflow_core.supervisor import Stopped, Supervisor, port_free
 
@@ -82,8 +81,7 @@ def _cli(*args: str) -> list[str]:
 
 def demo_env(settings: Settings, plan: DemoPlan) -> dict[str, str]:
     """One environment for every process: the same QF_* settings, all pointed at each other."""
-    env = dict(os.environ)
-    env.update(
+    env = child_environment(
         QF_PREFECT_API_URL=plan.prefect_url,
         PREFECT_API_URL=plan.prefect_url,
         QF_API_URL=plan.api_url,
@@ -93,8 +91,8 @@ def demo_env(settings: Settings, plan: DemoPlan) -> dict[str, str]:
         GRADIO_ANALYTICS_ENABLED="False",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
+        QF_PUBLIC_API_URL=settings.public_api_url or plan.api_url,
     )
-    env.setdefault("QF_PUBLIC_API_URL", plan.api_url)
     return env
 
 

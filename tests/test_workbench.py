@@ -1,7 +1,11 @@
 """Every workbench page renders for every role (Streamlit AppTest), with real data: a champion,
-a challenger, predictions, feedback, a review queue and training runs."""
+a challenger, predictions, feedback, a review queue and training runs; numbers reach people
+formatted, the prediction detail is a card (not JSON), and every page of an empty install
+says what to do next."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -90,3 +94,62 @@ def test_every_page_renders_for_every_role(filled, monkeypatch, role, page):
         assert ("Approve" in buttons) == (role == "ml_lead")
         if role != "ml_lead":
             assert any("Read-only" in i.value for i in at.info)
+    assert not at.json, "pages show people cards and tables, not JSON dumps"
+
+
+def _metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_overview_numbers_are_formatted(filled, monkeypatch):
+    at = _app(filled, monkeypatch, "analyst").run()
+    at.switch_page("../pages/overview.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = _metrics(at)
+    assert shown["Predictions"] == "40"
+    assert re.fullmatch(r"\d+\.\d%", shown["Live accuracy"]), shown
+    for q in ("p50", "p95", "p99"):
+        assert re.fullmatch(r"[\d,.]+ (ms|s)", shown[f"Latency {q}"]), shown
+
+
+def test_prediction_detail_is_a_card(filled, monkeypatch):
+    at = _app(filled, monkeypatch, "domain_expert").run()
+    at.switch_page("../pages/predictions.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.json
+    shown = _metrics(at)
+    assert shown["Predicted label"] in {str(d) for d in range(10)}
+    assert re.fullmatch(r"[<>]?\d+\.\d%", shown["Calibrated confidence"]), shown
+    facts = " ".join(m.value for m in at.markdown)
+    assert "**Model** v" in facts and "**Latency**" in facts and " ms" in facts
+    assert "**Review**" in facts and "UTC" in facts
+    # every prediction in the fixture got a verdict from the expert: listed, not dumped
+    assert re.search(r"\*\*(correct|wrong)\*\*.* by expert, ", facts), facts
+
+
+@pytest.fixture(scope="module")
+def empty(tmp_path_factory):
+    """A fresh install: migrated, users only; no data set, model, prediction or run."""
+    return local_deploy(tmp_path_factory.mktemp("wb-empty"), None)
+
+
+EMPTY_HINTS = {
+    "overview": ["No predictions yet: open the demo at"],
+    "predictions": ["No predictions yet: open the demo at"],
+    "review": ["The review queue is empty: low-confidence predictions"],
+    "datasets": ["No dataset snapshot yet: run `quarkflow seed-demo`"],
+    "training": ["No training run yet: ML leads start one with the form above"],
+    "compare": ["a comparison needs two. To get another"],
+    "promotions": ["No champion yet", "No promotion yet"],
+}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_empty_page_says_what_to_do_next(empty, monkeypatch, page):
+    at = _app(empty, monkeypatch, "ml_lead").run()
+    at.switch_page(f"../pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    infos = " ".join(i.value for i in at.info)
+    for hint in EMPTY_HINTS[page]:
+        assert hint in infos, infos
