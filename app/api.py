@@ -638,18 +638,7 @@ def create_app(
         return {"username": who.username, "role": who.role.value, "anonymous": who.user_id is None}
 
     if with_demo:
-        import gradio as gr
+        from app.demo import mount_demo
 
-        from app.demo import build_demo, gradio_auth
-
-        demo = build_demo(service, anonymous=anonymous)
-        app = gr.mount_gradio_app(
-            app,
-            demo,
-            path="/demo",
-            auth=None if anonymous else gradio_auth(service),
-            auth_message="Sign in with your Quarkflow user name and password.",
-            max_file_size=settings.max_upload_bytes,
-            footer_links=["api"],
-        )
+        app = mount_demo(app, service, settings, anonymous=anonymous)
     return app

@@ -1,13 +1,83 @@
 """The Gradio demo mounted at /demo: upload, paste or photograph an image, see the top-k,
-say "correct" or "wrong, it is X". Built on the same PredictionService as the REST API."""
+say "correct" or "wrong, it is X", and which model version answers (refreshed every few
+seconds, so a hot swap shows without a reload). Built on the same PredictionService as the
+REST API."""
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import gradio as gr
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from quarkflow_core.config import Settings
 from quarkflow_core.errors import QuarkflowError
 from quarkflow_core.service import ANONYMOUS, PredictionService, Principal
+
+DEMO_PATH = "/demo"
+REFRESH_S = 3.0  # how often the page asks which version is served
+# a 28x28 digit would otherwise sit at its natural size in the middle of the preview
+CSS = "#qf-image img { object-fit: contain; }"
+
+
+def public_root(settings: Settings) -> str:
+    """The demo's path as users' browsers reach it: the path of ``QF_PUBLIC_API_URL`` (a
+    reverse proxy's prefix, e.g. ``/qf``) + ``/demo``. The host and scheme still come from
+    the request (Host, or X-Forwarded-Host / -Proto from the proxy)."""
+    prefix = urlsplit(settings.public_api_url or "").path.rstrip("/")
+    return prefix + DEMO_PATH
+
+
+class AtPublicRoot:
+    """Presents every request to the mounted Gradio app at ``root`` (its public path).
+
+    Gradio builds file URLs from the request URL minus a route path, plus its app's
+    ``root_path``, which is ``""`` for a mounted app: the plain-HTTP route that loads a clicked
+    example strips the whole path, mount included, and with X-Forwarded-Host the queue keeps
+    only the host; either way the picture lost ``/demo`` and got a 404. So the app gets
+    ``root_path=root``; but FastAPI also routes by that ``root_path``, so the path the app
+    sees must start with it even when a proxy stripped its prefix before forwarding."""
+
+    def __init__(self, app: ASGIApp, root: str) -> None:
+        self.app = app
+        self.root = root
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path, mounted_at = scope["path"], scope.get("root_path", "")
+            below = path[len(mounted_at) :] if path.startswith(mounted_at) else path
+            scope = {**scope, "root_path": self.root, "path": self.root + below}
+        await self.app(scope, receive, send)
+
+
+def mount_demo(
+    app: FastAPI, service: PredictionService, settings: Settings, *, anonymous: bool
+) -> FastAPI:
+    """Mount the demo at /demo, its file URLs at :func:`public_root`."""
+    root = public_root(settings)
+    app = gr.mount_gradio_app(
+        app,
+        build_demo(service, anonymous=anonymous),
+        path=DEMO_PATH,
+        root_path=root,
+        auth=None if anonymous else gradio_auth(service),
+        auth_message="Sign in with your Quarkflow user name and password.",
+        max_file_size=settings.max_upload_bytes,
+        footer_links=["api"],
+        css=CSS,
+    )
+    (mount,) = [r for r in app.routes if isinstance(r, Mount) and r.path == DEMO_PATH]
+    mount.app = AtPublicRoot(mount.app, root)
+
+    def add_slash() -> RedirectResponse:
+        # relative, so the browser keeps whatever prefix a proxy serves the API under
+        return RedirectResponse("demo/")
+
+    app.add_api_route(DEMO_PATH, add_slash, include_in_schema=False)
+    return app
 
 
 def gradio_auth(service: PredictionService):
@@ -46,13 +116,19 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
             return ANONYMOUS
         raise gr.Error("Sign in first.")
 
-    def serving_line() -> tuple[str, Any]:
+    def serving_line(shown: str | None) -> tuple[Any, Any, str]:
+        """The served version, on page load and on every tick; unchanged ones are skipped so
+        an open "Right label" list is not redrawn under the user."""
         current = service.holder.current
+        key = "" if current is None else f"v{current.version} {current.backend_name}"
+        if key == shown:
+            return gr.skip(), gr.skip(), key
         if current is None:
-            return "**No model is being served yet.**", gr.update(choices=[])
+            return "**No model is being served yet.**", gr.update(choices=[]), key
         return (
             f"Model **v{current.version}** ({current.backend_name} backend)",
             gr.update(choices=current.classes),
+            key,
         )
 
     def predict(path: str | None, request: gr.Request) -> tuple[dict, str, str | None, str]:
@@ -108,6 +184,8 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
                 image_mode=None,
                 label="Image",
                 format="png",
+                elem_id="qf-image",
+                height=320,
             )
             with gr.Column():
                 bars = gr.Label(num_top_classes=5, label="Prediction")
@@ -124,5 +202,14 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
         )
         correct_btn.click(correct, inputs=pred_id, outputs=status, api_name="correct")
         wrong_btn.click(wrong, inputs=[pred_id, right_label], outputs=status, api_name="wrong")
-        demo.load(serving_line, outputs=[serving, right_label])
+        shown = gr.State(None)
+        serving_outputs = [serving, right_label, shown]
+        demo.load(serving_line, inputs=shown, outputs=serving_outputs, api_visibility="private")
+        gr.Timer(REFRESH_S).tick(
+            serving_line,
+            inputs=shown,
+            outputs=serving_outputs,
+            show_progress="hidden",
+            api_visibility="private",
+        )
     return demo
