@@ -172,6 +172,7 @@ def body() -> None:
         ov = analytics.overview(session=s, filters=f, bucket=bucket)
         hist = analytics.confidence_histogram(session=s, filters=f, bucket=bucket)
         dr = analytics.drift(session=s, filters=f)
+        verdicts = analytics.recent_feedback(session=s, filters=f)
         # nothing in range: is there anything at all? (decides what the hint says)
         ever = ov["predictions"] or analytics.count_predictions(
             session=s, filters=analytics.Filters()
@@ -197,6 +198,30 @@ def body() -> None:
             confidence(hist, bucket)
     if dr["version"] is not None:
         drift(dr)
+    latest_verdicts(verdicts)
+
+
+def latest_verdicts(rows: list[dict]) -> None:
+    st.subheader("Latest verdicts")
+    if not rows:
+        st.caption(
+            "No verdicts in this range yet: experts give them with the demo's Correct / Wrong "
+            "buttons."
+        )
+        return
+    lines = []
+    for r in rows:
+        said = (
+            f":green[correct]: **{r['predicted']}**"
+            if r["verdict"] == "correct"
+            else f":red[wrong]: the model said **{r['predicted']}**, it is **{r['true_label']}**"
+        )
+        who = r["user"] or "anonymous (demo)"
+        lines.append(
+            f"- {said} · {fmt.version(r['model_version'])} · {who}, {fmt.relative(r['created_at'])}"
+        )
+    st.markdown("\n".join(lines))
+    st.caption("Open one on the Predictions page; 'wrong' verdicts wait in the Review queue.")
 
 
 wb.guarded(body)

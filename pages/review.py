@@ -20,6 +20,7 @@ def queue_table(items: list[dict]) -> None:
                 "id",
                 "image",
                 "predicted_label",
+                "expert_label",
                 "confidence",
                 "reason",
                 "state",
@@ -33,6 +34,9 @@ def queue_table(items: list[dict]) -> None:
             "id": wb.number_column("item", "#%d"),
             "image": st.column_config.ImageColumn("image", width="small"),
             "predicted_label": st.column_config.TextColumn("predicted"),
+            "expert_label": st.column_config.TextColumn(
+                "expert says", help="The label an expert gave with a 'wrong' verdict."
+            ),
             "confidence": wb.confidence_column("calibrated confidence"),
             "priority": st.column_config.NumberColumn(
                 "priority",
@@ -42,6 +46,10 @@ def queue_table(items: list[dict]) -> None:
             "created_at": wb.time_column("queued"),
         },
     )
+
+
+def suggested(item: dict) -> str | None:
+    return item["expert_label"] or item["predicted_label"]
 
 
 def body() -> None:
@@ -66,6 +74,7 @@ def body() -> None:
         format_func=lambda i: (
             f"#{i['id']}: {i['predicted_label'] or fmt.MISSING} at "
             f"{fmt.percent(i['confidence'])} ({fmt.words(i['reason'])}, {i['state']})"
+            + (f", expert says {i['expert_label']}" if i["expert_label"] else "")
         ),
     )
     left, right = st.columns([1, 2])
@@ -75,9 +84,8 @@ def body() -> None:
         label = st.selectbox(
             "Label",
             classes,
-            index=classes.index(item["predicted_label"])
-            if item["predicted_label"] in classes
-            else 0,
+            index=classes.index(default) if (default := suggested(item)) in classes else 0,
+            help="Starts at what an expert said, else at the model's label.",
         )
         c1, c2, c3 = st.columns(3)
         confirm = c1.form_submit_button("Confirm / relabel")

@@ -289,26 +289,48 @@ def list_predictions(
     ]
 
 
-def prediction_feedback(*, session: Session, prediction_id: str) -> list[dict[str, Any]]:
-    """Feedback on one prediction, oldest first, with who gave it (``None``: anonymous)."""
+def _feedback_rows(
+    session: Session, *conds: Any, newest_first: bool, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Feedback with who gave it (``None``: anonymous) and what the model had said."""
     from quarkflow_core.schema import User
 
+    order = Feedback.created_at.desc() if newest_first else Feedback.created_at
     rows = session.execute(
-        select(Feedback, User.username)
+        select(Feedback, User.username, Prediction.label, ModelVersion.version)
+        .join(Prediction, Prediction.id == Feedback.prediction_id)
+        .outerjoin(ModelVersion, ModelVersion.id == Prediction.model_version_id)
         .outerjoin(User, User.id == Feedback.user_id)
-        .where(Feedback.prediction_id == prediction_id)
-        .order_by(Feedback.created_at)
+        .where(*conds)
+        .order_by(order)
+        .limit(limit)
     ).all()
     return [
         {
+            "prediction_id": f.prediction_id,
             "user": username,
             "verdict": f.verdict.value,
+            "predicted": predicted,
             "true_label": f.true_label,
+            "model_version": version,
             "comment": f.comment,
             "created_at": f.created_at,
         }
-        for f, username in rows
+        for f, username, predicted, version in rows
     ]
+
+
+def prediction_feedback(*, session: Session, prediction_id: str) -> list[dict[str, Any]]:
+    """Feedback on one prediction, oldest first."""
+    return _feedback_rows(session, Feedback.prediction_id == prediction_id, newest_first=False)
+
+
+def recent_feedback(*, session: Session, filters: Filters, limit: int = 8) -> list[dict[str, Any]]:
+    """The latest verdicts on predictions matching ``filters``, newest first."""
+    conds = filters.where(session)
+    if filters.start is not None:
+        conds.append(Feedback.created_at >= filters.start)
+    return _feedback_rows(session, *conds, newest_first=True, limit=limit)
 
 
 def training_runs(*, session: Session, limit: int = 50) -> list[dict[str, Any]]:

@@ -272,7 +272,22 @@ def review_queue(
             "state": item.state.value,
             "priority": item.priority,
             "created_at": item.created_at.isoformat(),
+            "expert_label": None,
         }
         for item, image, pred in rows
     ]
+    # What experts said the image is ("wrong, it is X"), latest first: the reviewer's hint.
+    by_image = {image.id: row for (_, image, _), row in zip(rows, page, strict=True)}
+    said = session.execute(
+        select(Prediction.image_id, Feedback.true_label)
+        .join(Feedback, Feedback.prediction_id == Prediction.id)
+        .where(
+            Prediction.image_id.in_(list(by_image)),
+            Feedback.verdict == Verdict.WRONG,
+            Feedback.true_label.is_not(None),
+        )
+        .order_by(Feedback.created_at)
+    ).all()
+    for image_id, label in said:
+        by_image[image_id]["expert_label"] = label
     return int(total), page

@@ -108,6 +108,10 @@ def train_from_snapshot(
         data = load_snapshot(session=session, storage=storage, snapshot_id=snap.id, preset=preset)
         if Split.TRAIN not in data or Split.HOLDOUT not in data:
             raise NotFound(f"snapshot {snap.id} needs both a train and a holdout split")
+        # End the read transaction before minutes of training: on SQLite a transaction that
+        # read, then writes after another process wrote (the API logging predictions), is
+        # refused with "database is locked" instead of waiting.
+        session.commit()
         live: list[dict[str, Any]] = []
 
         def on_progress(ev: Any) -> None:

@@ -114,6 +114,8 @@ def test_predict_feedback_review_round_trip(deployment):
         assert queue["total"] == 4
         first = queue["items"][0]
         assert first["prediction_id"] == pid and first["reason"] == "user_disputed"
+        assert first["expert_label"] == "7"  # what the expert said, for the reviewer
+        assert [i["expert_label"] for i in queue["items"][1:]] == [None] * 3
         assert first["priority"] >= 1 > queue["items"][1]["priority"]
         detail = client.get(f"/api/v1/predictions/{pid}", headers=dep.auth("analyst")).json()
         assert detail["feedback"][0]["true_label"] == "7"
