@@ -234,9 +234,11 @@ def demo_traffic_pngs(
     x, y = mnist_arrays()
     rng = np.random.default_rng(seed)
     weights = np.array(TRAFFIC_CLASS_WEIGHTS)[y]
-    picks = rng.choice(len(y), size=n, replace=False, p=weights / weights.sum())
+    # a weighted order of all 5,000, then drawn in sequence: any n gives a prefix of the same
+    # images, so `--traffic 200` then 300 sends only the 100 new ones
+    order = rng.choice(len(y), size=len(y), replace=False, p=weights / weights.sum())
     pngs, labels = [], []
-    for k, i in enumerate(picks):
+    for k, i in enumerate(order[:n]):
         img = PILImage.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L")
         hard = k % 4 == 0  # a quarter are hard on purpose
         angle = rng.uniform(-40, 40) if hard else rng.uniform(-15, 15)

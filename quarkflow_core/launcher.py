@@ -8,10 +8,12 @@ Ctrl-C or SIGTERM stops all of them and whatever they started."""
 
 from __future__ import annotations
 
+import fcntl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -23,6 +25,7 @@ from quarkflow_core.supervisor import Stopped, Supervisor, port_free
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_DIR = "artifacts/demo-smallcnn"  # under QF_DATA_DIR
 DEPLOYMENTS = 5  # retrain, batch_predict, promote, labelstudio_sync, label_trigger
+NOT_YET = (httpx.HTTPError, KeyError, ValueError)  # a service still starting
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,12 @@ def _ok(url: str) -> bool:
     return httpx.get(url, timeout=3).status_code == 200
 
 
-def _deployments_ready(prefect_url: str) -> bool:
+def _deployments_ready(prefect_url: str, since: datetime) -> bool:
+    """All deployments (re)applied by this run's worker: a Prefect server that kept them from
+    an earlier run must not count."""
     r = httpx.post(f"{prefect_url}/deployments/filter", json={}, timeout=5)
-    return len(r.json()) >= DEPLOYMENTS
+    fresh = [d for d in r.json() if datetime.fromisoformat(d["updated"]) >= since]
+    return len(fresh) >= DEPLOYMENTS
 
 
 def _outbox_drained(api_url: str) -> bool:
@@ -124,6 +130,7 @@ def prepare(sup: Supervisor, settings: Settings, plan: DemoPlan, env: dict[str, 
             _cli("train", "--out", str(model), "--epochs", str(plan.epochs)),
             env=env,
         )
+    if not (model / "model.onnx").exists():  # also when an earlier export was interrupted
         sup.run("export", _cli("export", str(model), "--format", "onnx"), env=env)
     sup.run("champion", _cli("demo-bootstrap", str(model)), env=env)
     with session_scope(get_engine(settings.database_url)) as s:
@@ -137,7 +144,9 @@ def send_traffic(
     """Unseen digits through the running API as demo-expert, with a token that expires in 15
     minutes and is revoked once the predictions are logged. Images already predicted (an
     earlier `make demo`) are not sent again."""
-    from quarkflow_core.database import get_engine, session_scope
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from quarkflow_core.database import begin_write, get_engine, session_scope
     from quarkflow_core.demo import DEMO_EXPERT, pending_traffic, send_demo_traffic
     from quarkflow_core.users import create_token, get_user, revoke_token
 
@@ -157,13 +166,24 @@ def send_traffic(
         )
         token_id = row.id
     try:
-        flagged = send_demo_traffic(api_url=plan.api_url, token=token, pngs=pngs)
-        sup.wait_until(
-            lambda: _outbox_drained(plan.api_url), timeout_s=120, what="the traffic to be logged"
+        flagged = send_demo_traffic(
+            api_url=plan.api_url, token=token, pngs=pngs, progress=lambda *_: sup.check()
         )
+        sup.wait_until(
+            lambda: _outbox_drained(plan.api_url),
+            timeout_s=120,
+            what="the traffic to be logged",
+            not_yet=NOT_YET,
+        )
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"could not send the demo traffic to {plan.api_url}: {exc}") from None
     finally:
-        with session_scope(engine) as s:
-            revoke_token(session=s, token_id=token_id)
+        try:
+            with session_scope(engine) as s:
+                begin_write(s)
+                revoke_token(session=s, token_id=token_id)
+        except SQLAlchemyError as exc:  # it expires in 15 minutes anyway
+            out(f"warning: could not revoke the demo-traffic token #{token_id}: {exc}")
     out(
         f"demo traffic: {len(pngs)} unseen digits predicted through the API; {flagged} were "
         "low-confidence and are in the review queue"
@@ -190,73 +210,89 @@ def banner(settings: Settings, plan: DemoPlan) -> str:
     )
 
 
+@contextmanager
+def single_demo(data_dir: Path) -> Iterator[None]:
+    """One `quarkflow demo` per state folder: a second one (even while the first is still
+    training, before any port is bound) is refused instead of sharing its files."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "demo.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another `make demo` is running on {data_dir}; stop it first (Ctrl-C)"
+            ) from None
+        yield
+
+
 def run_demo(settings: Settings, plan: DemoPlan, *, out: Callable[[str], None] = print) -> int:
     """Prepare, start, wire and watch the whole product; returns the exit code."""
-    for name, port in (
-        ("API", plan.api_port),
-        ("workbench", plan.wb_port),
-        ("Prefect server", plan.prefect_port),
-    ):
-        if not port_free(plan.host, port):
-            raise ConfigError(
-                f"port {port} ({name}) is taken: is another `make demo` running? Stop it, or "
-                "choose other ports (make demo PORT=8010 WB_PORT=8511 PREFECT_PORT=4210)"
-            )
+    with single_demo(settings.data_dir):
+        for name, port in (
+            ("API", plan.api_port),
+            ("workbench", plan.wb_port),
+            ("Prefect server", plan.prefect_port),
+        ):
+            if not port_free(plan.host, port):
+                raise ConfigError(
+                    f"port {port} ({name}) is taken: is another `make demo` running? Stop it, "
+                    "or choose other ports (make demo PORT=8010 WB_PORT=8511 PREFECT_PORT=4210)"
+                )
+        with Supervisor(out=out) as sup:
+            try:
+                start(sup, settings, plan, out)
+                while True:
+                    sup.sleep(1.0)
+                    dead = sup.failed()
+                    if dead is not None:
+                        out(
+                            f"{dead.name} stopped unexpectedly (exit {dead.proc.returncode}); "
+                            f"stopping everything. Last lines of {dead.log_path}:\n{dead.tail()}"
+                        )
+                        return 1
+            except Stopped:
+                out(f"{sup.reason or 'stop'} received: stopping every Quarkflow process ...")
+                return 0
+            finally:
+                sup.shutdown()
+                out("stopped.")
+
+
+def start(sup: Supervisor, settings: Settings, plan: DemoPlan, out: Callable[[str], None]) -> None:
+    """Prepare, start the four services, send the traffic, wait until all are ready."""
     env = demo_env(settings, plan)
     logs = settings.data_dir / "logs"
-    with Supervisor(out=out) as sup:
-        try:
-            prepare(sup, settings, plan, env)
-            out("starting the Prefect server, the API + demo and the workbench ...")
-            sup.start(
-                "prefect-server",
-                prefect_server_argv(host=plan.host, port=plan.prefect_port),
-                env=env,
-                log_path=logs / "prefect-server.log",
-            )
-            sup.start(
-                "api",
-                _cli("serve", "--host", plan.host, "--port", str(plan.api_port)),
-                env=env,
-                log_path=logs / "api.log",
-            )
-            sup.start(
-                "workbench",
-                streamlit_argv(host=plan.host, port=plan.wb_port),
-                env=env,
-                log_path=logs / "workbench.log",
-            )
-            timeout = plan.start_timeout_s
-            sup.wait_until(
-                lambda: _ok(plan.prefect_url + "/health"), timeout_s=timeout, what="Prefect"
-            )
-            sup.start("worker", _cli("worker"), env=env, log_path=logs / "worker.log")
-            sup.wait_until(lambda: _ok(plan.api_url + "/readyz"), timeout_s=timeout, what="the API")
-            sup.wait_until(
-                lambda: _outbox_drained(plan.api_url), timeout_s=timeout, what="the outbox"
-            )
-            send_traffic(sup, settings, plan, out)
-            sup.wait_until(
-                lambda: _ok(plan.wb_url + "/_stcore/health"), timeout_s=timeout, what="workbench"
-            )
-            sup.wait_until(
-                lambda: _deployments_ready(plan.prefect_url),
-                timeout_s=timeout,
-                what="the worker's deployments",
-            )
-            out(banner(settings, plan))
-            while True:
-                sup.sleep(1.0)
-                dead = sup.failed()
-                if dead is not None:
-                    out(
-                        f"{dead.name} stopped unexpectedly (exit {dead.proc.returncode}); "
-                        f"stopping everything. Last lines of {dead.log_path}:\n{dead.tail()}"
-                    )
-                    return 1
-        except Stopped:
-            out(f"{sup.reason or 'stop'} received: stopping every Quarkflow process ...")
-            return 0
-        finally:
-            sup.shutdown()
-            out("stopped.")
+    timeout = plan.start_timeout_s
+
+    def wait(predicate: Callable[[], bool], what: str) -> None:
+        sup.wait_until(predicate, timeout_s=timeout, what=what, not_yet=NOT_YET)
+
+    prepare(sup, settings, plan, env)
+    out("starting the Prefect server, the API + demo and the workbench ...")
+    started = datetime.now(UTC)
+    sup.start(
+        "prefect-server",
+        prefect_server_argv(host=plan.host, port=plan.prefect_port),
+        env=env,
+        log_path=logs / "prefect-server.log",
+    )
+    sup.start(
+        "api",
+        _cli("serve", "--host", plan.host, "--port", str(plan.api_port)),
+        env=env,
+        log_path=logs / "api.log",
+    )
+    sup.start(
+        "workbench",
+        streamlit_argv(host=plan.host, port=plan.wb_port),
+        env=env,
+        log_path=logs / "workbench.log",
+    )
+    wait(lambda: _ok(plan.prefect_url + "/health"), "the Prefect server")
+    sup.start("worker", _cli("worker"), env=env, log_path=logs / "worker.log")
+    wait(lambda: _ok(plan.api_url + "/readyz"), "the API")
+    wait(lambda: _outbox_drained(plan.api_url), "the API's outbox")
+    send_traffic(sup, settings, plan, out)
+    wait(lambda: _ok(plan.wb_url + "/_stcore/health"), "the workbench")
+    wait(lambda: _deployments_ready(plan.prefect_url, started), "the worker's deployments")
+    out(banner(settings, plan))

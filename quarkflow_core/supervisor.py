@@ -107,9 +107,17 @@ class Supervisor:
         return exc[0] is Stopped
 
     def _on_signal(self, signum: int, _frame) -> None:
-        if not self._stop.is_set():
-            self.reason = signal.Signals(signum).name
+        if self._stop.is_set():  # a second Ctrl-C: no more waiting, kill everything now
+            self._kill_all()
+            return
+        self.reason = signal.Signals(signum).name
         self._stop.set()
+
+    @staticmethod
+    def _kill_all() -> None:
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
     @property
     def stop_requested(self) -> bool:
@@ -169,8 +177,16 @@ class Supervisor:
         return None
 
     def wait_until(
-        self, predicate: Callable[[], bool], *, timeout_s: float, what: str, every_s: float = 0.5
+        self,
+        predicate: Callable[[], bool],
+        *,
+        timeout_s: float,
+        what: str,
+        every_s: float = 0.5,
+        not_yet: tuple[type[BaseException], ...] = (OSError,),
     ) -> None:
+        """Poll ``predicate`` until true; the ``not_yet`` errors it raises mean "still
+        starting". Stops early (ConfigError) when a service exits, or on a stop signal."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.check()
@@ -180,7 +196,7 @@ class Supervisor:
                     f"{dead.name} exited ({dead.proc.returncode}) while waiting for {what}; "
                     f"last lines of {dead.log_path}:\n{dead.tail()}"
                 )
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*not_yet):
                 if predicate():
                     return
             if time.monotonic() > deadline:
@@ -189,16 +205,20 @@ class Supervisor:
 
     # -- stopping
     def shutdown(self) -> None:
-        """Stop the services last-started first (the worker before the Prefect server it talks
-        to), each with everything it started: SIGTERM, up to ``grace_s``, then SIGKILL. Then
-        sweep up whatever is left or was re-parented to us meanwhile. Idempotent."""
-        for child in reversed(self.children):
-            try:
-                tree = [psutil.Process(child.proc.pid)]
-                tree += tree[0].children(recursive=True)
-            except psutil.Error:
-                continue
-            self._terminate(tree, self.grace_s)
+        """Stop the last-started service first (the worker, while the Prefect server it talks
+        to is still up), then all the others at once, each with everything it started:
+        SIGTERM, up to ``grace_s``, then SIGKILL. Then sweep up whatever is left or was
+        re-parented to us meanwhile. A second signal meanwhile kills everything at once.
+        Idempotent."""
+        stages = [self.children[-1:], self.children[:-1]]
+        for stage in stages:
+            tree: list[psutil.Process] = []
+            for child in stage:
+                with contextlib.suppress(psutil.Error):
+                    top = psutil.Process(child.proc.pid)
+                    tree += [top, *top.children(recursive=True)]
+            if tree:
+                self._terminate(tree, self.grace_s)
         me = psutil.Process()
         for _ in range(3):
             procs = [*me.children(recursive=True)]

@@ -9,42 +9,28 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from browser_helpers import launch, sign_in
 from serving_helpers import ThreadedServer, free_port, local_deploy, seed_and_register, wait_until
 from sqlalchemy.orm import Session
 
 from app.api import create_app
 from quarkflow_core import registry
 from quarkflow_core.demo import demo_pngs
+from quarkflow_core.launcher import streamlit_argv
 from quarkflow_core.orchestration import stop_process
 from quarkflow_core.users import create_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "browser-test-pw"
 
 
 @pytest.fixture
 def stack(tmp_path, trained_artifacts):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            "Debian chromium is missing: `make test` installs it (apt-get install chromium)"
-        )
     dep = local_deploy(tmp_path, trained_artifacts["weak"])
     seed_and_register(dep, trained_artifacts["strong"])
     engine = dep.engine()
@@ -63,22 +49,8 @@ def stack(tmp_path, trained_artifacts):
             )
         port = free_port()
         env = dep.env(QF_API_URL=live.url)
-        wb = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                str(ROOT / "app" / "workbench.py"),
-                "--server.port",
-                str(port),
-                "--server.address",
-                "127.0.0.1",
-                "--server.headless",
-                "true",
-                "--browser.gatherUsageStats",
-                "false",
-            ],
+        wb = subprocess.Popen(  # the same command as `quarkflow workbench`
+            streamlit_argv(host="127.0.0.1", port=port),
             env=env,
             stdout=open(tmp_path / "wb.log", "wb"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
@@ -102,14 +74,6 @@ def stack(tmp_path, trained_artifacts):
             engine.dispose()
 
 
-def _sign_in(page, url: str, user: str) -> None:
-    page.goto(url)
-    page.get_by_role("textbox", name="User name").fill(user)
-    page.get_by_role("textbox", name="Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.get_by_text(f"Signed in as {user}").wait_for(timeout=60_000)
-
-
 def _open(page, title: str, wait_text: str, shots: Path, name: str) -> None:
     page.get_by_role("link", name=title).click()
     page.get_by_text(wait_text).first.wait_for(timeout=120_000)
@@ -129,9 +93,9 @@ def test_ml_lead_approves_in_the_browser_and_serving_follows(stack):
 
     shots = stack["shots"]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        _sign_in(page, stack["wb"], "ada")
+        sign_in(page, stack["wb"], "ada", PASSWORD)
         _open(page, "Overview", "Predictions", shots, "overview")
         # request outcomes come from the API's Prometheus metrics: 20 predictions succeeded
         page.get_by_text("API requests since it started").wait_for(timeout=30_000)
@@ -151,7 +115,7 @@ def test_ml_lead_approves_in_the_browser_and_serving_follows(stack):
         page.screenshot(path=str(shots / "approved.png"), full_page=True)
 
         analyst = browser.new_context().new_page()
-        _sign_in(analyst, stack["wb"], "ann")
+        sign_in(analyst, stack["wb"], "ann", PASSWORD)
         _open(analyst, "Promotions", "Read-only", shots, "promotions-analyst")
         assert analyst.get_by_role("button", name="Approve").count() == 0
         browser.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from browser_helpers import launch
 from serving_helpers import ThreadedServer, free_port, local_deploy, seed_and_register, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,17 +26,6 @@ from quarkflow_core.demo import demo_pngs
 from quarkflow_core.schema import User
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PREVIEW = "#qf-image img"
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "trailer"}
 
@@ -51,12 +41,8 @@ def digit_png(tmp_path) -> Path:
 def browser():
     from playwright.sync_api import sync_playwright
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            "Debian chromium is missing: `make test` installs it (apt-get install chromium)"
-        )
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        chromium = launch(p)
         try:
             yield chromium
         finally:

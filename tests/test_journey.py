@@ -9,25 +9,33 @@ state and free ports):
 3. the ML lead starts a retrain from Training runs; it runs on the worker; the challenger
    appears in Model comparison with its evidence; the ML lead approves it with a reason;
 4. the Gradio demo, still open, names the new version (no restart);
-5. one SIGTERM to `make` stops every process it started and frees every port.
+5. one SIGTERM to `make` stops every process it started and frees every port;
+6. a second `make demo` on the same state sends no traffic again, adds no row, and serves the
+   approved version; one SIGTERM stops it too.
 
 Screenshots of each step land in the test's folder (and in docs/screenshots/ with
 QF_TEST_UPDATE_SCREENSHOTS=1; the README tour uses them)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import shutil
 import signal
 import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import psutil
 import pytest
+from browser_helpers import launch, sign_in
 from PIL import Image as PILImage
 from serving_helpers import free_port, wait_until
 from sqlalchemy import func, select
@@ -35,93 +43,106 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.database import make_engine
 from quarkflow_core.demo import DEMO_LEAD_PASSWORD, mnist_arrays, pending_traffic
-from quarkflow_core.schema import Feedback, ModelVersion, ReviewItem
+from quarkflow_core.schema import Feedback, Image, ModelVersion, Prediction, ReviewItem, User
 from quarkflow_core.supervisor import port_free
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
 TRAFFIC = 200
 
 
 @pytest.fixture
 def demo(tmp_path):
-    """`make demo` on a temporary state and free ports; yields its URLs; stops it with one
-    SIGTERM to make and checks that nothing is left."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            "Debian chromium is missing: `make test` installs it (apt-get install chromium)"
-        )
+    """Where `make demo` runs: a temporary state folder and free ports."""
     state = tmp_path / "qf"
     ports = {"PORT": free_port(), "WB_PORT": free_port(), "PREFECT_PORT": free_port()}
+    yield {
+        "state": state,
+        "ports": ports,
+        "api": f"http://127.0.0.1:{ports['PORT']}",
+        "wb": f"http://127.0.0.1:{ports['WB_PORT']}",
+        "db": f"sqlite:///{state}/quarkflow.db",
+        "shots": tmp_path / "shots",
+        "tmp": tmp_path,
+    }
+    for p in psutil.process_iter():  # never leave a stray behind, even on failure
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get("QF_DATA_DIR") == str(state):
+                p.kill()
+
+
+@contextmanager
+def running(demo: dict, name: str) -> Iterator[Path]:
+    """`make demo` (the README's command) until the banner; then one SIGTERM to make, as a
+    supervisor or `kill` from a second terminal sends, must stop every process it started and
+    free every port. Yields the path of its output."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("QF_", "PREFECT_", "STORAGE_EMULATOR", "MAKE"))
     }
+    state = demo["state"]
     env.update(
         QF_DATA_DIR=str(state),
-        QF_DATABASE_URL=f"sqlite:///{state}/quarkflow.db",
+        QF_DATABASE_URL=demo["db"],
         QF_STORAGE_URL=f"file://{state}/store",
     )
-    log_path = tmp_path / "make-demo.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    make = subprocess.Popen(
-        [
-            "make",
-            "--no-print-directory",
-            "demo",
-            *(f"{k}={v}" for k, v in ports.items()),
-            f"DEMO_ARGS=--epochs 2 --traffic {TRAFFIC}",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # like a terminal: make leads its own group
-    )
+    log_path = demo["tmp"] / f"make-demo-{name}.log"
+    with open(log_path, "wb") as log:
+        make = subprocess.Popen(
+            [
+                "make",
+                "--no-print-directory",
+                "demo",
+                *(f"{k}={v}" for k, v in demo["ports"].items()),
+                f"DEMO_ARGS=--epochs 2 --traffic {TRAFFIC}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # like a terminal: make leads its own process group
+        )
+        try:
+            deadline = time.monotonic() + 900
+            while "Ctrl-C stops everything." not in log_path.read_text():
+                if make.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("make demo did not start:\n" + log_path.read_text())
+                time.sleep(1)
+            family = {make.pid, *(p.pid for p in psutil.Process(make.pid).children(True))}
+            yield log_path
+            family |= {p.pid for p in psutil.Process(make.pid).children(recursive=True)}
+            make.send_signal(signal.SIGTERM)
+            make.wait(timeout=90)
 
-    def started() -> bool:
-        if make.poll() is not None:
-            raise AssertionError("make demo exited:\n" + log_path.read_text()[-4000:])
-        return "Ctrl-C stops everything." in log_path.read_text()
+            def all_gone() -> bool:
+                alive = [p for p in family if psutil.pid_exists(p)]
+                return all(psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in alive)
 
-    try:
-        wait_until(started, timeout=900, every=1, what="make demo to start everything")
-        family = [make.pid, *(p.pid for p in psutil.Process(make.pid).children(recursive=True))]
-        yield {
-            "api": f"http://127.0.0.1:{ports['PORT']}",
-            "wb": f"http://127.0.0.1:{ports['WB_PORT']}",
-            "db": f"sqlite:///{state}/quarkflow.db",
-            "shots": tmp_path / "shots",
-            "log": log_path,
+            wait_until(all_gone, timeout=90, every=0.5, what="every demo process to exit")
+            assert all(port_free("127.0.0.1", p) for p in demo["ports"].values())
+            assert "stopping every Quarkflow process" in log_path.read_text()
+        finally:
+            if make.poll() is None:
+                os.killpg(make.pid, signal.SIGKILL)
+
+
+def _counts(engine) -> dict[str, int]:
+    with Session(engine) as s:
+        return {
+            t.__tablename__: s.scalar(select(func.count()).select_from(t))
+            for t in (Prediction, ReviewItem, Feedback, ModelVersion, User, Image)
         }
-        # 5. one SIGTERM to make (a supervisor, or `kill` from a second terminal)
-        family += [p.pid for p in psutil.Process(make.pid).children(recursive=True)]
-        make.send_signal(signal.SIGTERM)
-        make.wait(timeout=30)
 
-        def all_gone() -> bool:
-            return not [
-                p
-                for p in set(family)
-                if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-            ]
 
-        wait_until(all_gone, timeout=90, every=0.5, what="every demo process to exit")
-        assert all(port_free("127.0.0.1", p) for p in ports.values()), ports
-        assert "stopping every Quarkflow process" in log_path.read_text()
-    finally:
-        if make.poll() is None:
-            os.killpg(make.pid, signal.SIGKILL)
-        for p in psutil.process_iter():  # never leave a stray behind, even on failure
-            try:
-                if p.environ().get("QF_DATA_DIR") == str(state):
-                    p.kill()
-            except psutil.Error:
-                pass
-        log.close()
+def _poll(engine, query) -> Callable[[], Any]:
+    """A check that reads in a fresh transaction each time (SQLite keeps a snapshot)."""
+
+    def check():
+        with Session(engine) as s:
+            return s.scalar(query)
+
+    return check
 
 
 def _blend(a: int, b: int) -> bytes:
@@ -136,14 +157,6 @@ def _blend(a: int, b: int) -> bytes:
 def _shot(page, shots: Path, name: str) -> None:
     shots.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
-
-
-def _sign_in(page, url: str, user: str) -> None:
-    page.goto(url)
-    page.get_by_role("textbox", name="User name").fill(user)
-    page.get_by_role("textbox", name="Password").fill(DEMO_LEAD_PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.get_by_text(f"Signed in as {user}").wait_for(timeout=60_000)
 
 
 def _open(page, title: str, wait_text: str) -> None:
@@ -161,17 +174,13 @@ def _preview_loaded(page) -> bool:
     )
 
 
-def test_the_whole_loop_from_the_uis(demo, tmp_path):
+def _journey(demo: dict, engine) -> None:
     from playwright.sync_api import sync_playwright
 
-    shots = demo["shots"]
-    engine = make_engine(demo["db"])
-    with Session(engine) as s:  # the living demo: real traffic and a review queue on first open
-        assert s.scalar(select(func.count(ReviewItem.id))) > 0
-        assert not pending_traffic(session=s, n=TRAFFIC)[1]  # all of it logged: no re-send
+    shots, tmp_path = demo["shots"], demo["tmp"]
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = launch(p)
 
         # 1. the domain expert: upload, see the picture, say "wrong, it is X"
         expert = browser.new_page(viewport={"width": 1300, "height": 900})
@@ -203,18 +212,16 @@ def test_the_whole_loop_from_the_uis(demo, tmp_path):
         expert.get_by_role("button", name=re.compile("^Wrong")).click()
         expert.get_by_text("recorded as wrong").wait_for(timeout=30_000)
         _shot(expert, shots, "journey-expert")
-        with Session(engine) as s:
-            wait_until(
-                lambda: s.scalar(
-                    select(func.count(Feedback.id)).where(Feedback.verdict == "wrong")
-                ),
-                timeout=30,
-                what="the verdict in the database",
-            )
+        wait_until(
+            _poll(engine, select(func.count(Feedback.id)).where(Feedback.verdict == "wrong")),
+            timeout=30,
+            what="the verdict in the database",
+        )
 
         # 2. the analyst: the verdict on the overview, the item in the queue, resolve another
         analyst = browser.new_page(viewport={"width": 1400, "height": 1400})
-        _sign_in(analyst, demo["wb"], "demo-analyst")
+        sign_in(analyst, demo["wb"], "demo-analyst", DEMO_LEAD_PASSWORD)
+        assert analyst.get_by_role("button", name="Deploy").count() == 0  # viewer mode
         _open(analyst, "Overview", "Feedback")
         feedback = analyst.locator('[data-testid="stMetric"]').filter(has_text="Feedback")
         assert feedback.locator('[data-testid="stMetricValue"]').inner_text().strip() == "1"
@@ -226,39 +233,37 @@ def test_the_whole_loop_from_the_uis(demo, tmp_path):
         with Session(engine) as s:
             disputed = s.scalar(select(ReviewItem).where(ReviewItem.reason == "user_disputed"))
             assert disputed is not None and disputed.state == "open"
-        items = analyst.locator('[data-testid="stSelectbox"]').filter(has_text="Item")
-        assert f"#{disputed.id}:" in items.inner_text()  # the expert's item ranks first
-        items.click()
-        other = analyst.get_by_role("option").nth(1)  # resolve the next one, not the expert's
+        analyst.locator('[data-testid="stSelectbox"]').filter(has_text="Item").click()
+        options = analyst.get_by_role("option")
+        first = options.nth(0).inner_text()
+        assert first.startswith(f"#{disputed.id}:") and f"expert says {right}" in first
+        other = options.nth(1)  # resolve the next one, not the expert's
         other_id = int(re.match(r"#(\d+):", other.inner_text()).group(1))
         other.click()
         analyst.get_by_role("button", name="Confirm / relabel").click()
-        with Session(engine) as s:
-
-            def resolved() -> bool:
-                s.expire_all()
-                return s.get(ReviewItem, other_id).state == "resolved"
-
-            wait_until(resolved, timeout=30, what="the analyst's decision in the database")
-            assert s.get(ReviewItem, disputed.id).state == "open"  # still waits for a decision
+        state_of = select(ReviewItem.state).where(ReviewItem.id == other_id)
+        wait_until(
+            lambda: _poll(engine, state_of)() == "resolved",
+            timeout=30,
+            what="the analyst's decision in the database",
+        )
+        expert_item = select(ReviewItem.state).where(ReviewItem.id == disputed.id)
+        assert _poll(engine, expert_item)() == "open"  # still waits for a decision
         analyst.get_by_text("most urgent first").first.wait_for(timeout=60_000)
         analyst.wait_for_timeout(1500)
         _shot(analyst, shots, "journey-analyst-review")
 
         # 3. the ML lead: retrain on the worker, compare, approve
         lead = browser.new_page(viewport={"width": 1400, "height": 1400})
-        _sign_in(lead, demo["wb"], "demo-lead")
+        sign_in(lead, demo["wb"], "demo-lead", DEMO_LEAD_PASSWORD)
         _open(lead, "Training runs", "Start retrain on the worker")
         lead.get_by_label("Epochs").fill("2")
         lead.get_by_role("button", name="Start retrain on the worker").click()
         lead.get_by_text("retrain started on the worker").wait_for(timeout=60_000)
         _shot(lead, shots, "journey-lead-retrain")
 
-        def challenger() -> bool:
-            with Session(engine) as s:
-                return s.scalar(select(func.count(ModelVersion.id))) >= 2
-
-        wait_until(challenger, timeout=600, every=2, what="the retrain to register v2")
+        versions = _poll(engine, select(func.count(ModelVersion.id)))
+        wait_until(lambda: versions() >= 2, timeout=600, every=2, what="the retrain to register v2")
         _open(lead, "Training runs", "Training runs")
         _shot(lead, shots, "journey-lead-training")
         _open(lead, "Model comparison", "v2 vs v1")
@@ -274,16 +279,31 @@ def test_the_whole_loop_from_the_uis(demo, tmp_path):
         lead.get_by_role("button", name="Approve").click()
         lead.get_by_text("approve: recorded").wait_for(timeout=120_000)
         _shot(lead, shots, "journey-lead-approved")
-        browser_version = None
 
         # 4. the demo page, never reloaded, now names v2
         expert.get_by_text("Model v2").first.wait_for(timeout=60_000)
-        browser_version = 2
         _shot(expert, shots, "journey-expert-v2")
         browser.close()
-    assert browser_version == 2
     assert httpx.get(demo["api"] + "/readyz").json()["checks"]["model"]["version"] == 2
+
+
+@pytest.mark.timeout(2400)
+def test_the_whole_loop_from_the_uis(demo):
+    engine = make_engine(demo["db"])
+    with running(demo, "first"):
+        # a living demo on first open: real traffic, a review queue, all of it logged
+        assert _counts(engine)["review_items"] > 0
+        with Session(engine) as s:
+            assert not pending_traffic(session=s, n=TRAFFIC)[1]
+        _journey(demo, engine)
+    after = _counts(engine)
+    # a second `make demo` on the same state adds nothing twice and serves the new champion
+    with running(demo, "second") as log:
+        assert "none sent again" in log.read_text()
+        assert _counts(engine) == after
+        assert httpx.get(demo["api"] + "/readyz").json()["checks"]["model"]["version"] == 2
     engine.dispose()
+    shots = demo["shots"]
     if os.environ.get("QF_TEST_UPDATE_SCREENSHOTS"):
         target = ROOT / "docs" / "screenshots"
         for png in shots.glob("journey-*.png"):

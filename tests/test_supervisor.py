@@ -5,6 +5,7 @@ frees their ports. Real processes, real signals."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -28,13 +29,21 @@ pytestmark = pytest.mark.integration
 # and would outlive its parent (what Prefect's runner does with flow runs).
 SERVICE = textwrap.dedent(
     """
-    import socket, subprocess, sys, time
-    port, grand_port, pidfile = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    import os, socket, subprocess, sys, time
+    port, grand_port, orphan_port, pidfile = (*map(int, sys.argv[1:4]), sys.argv[4])
     s = socket.socket(); s.bind(("127.0.0.1", port)); s.listen()
-    g = subprocess.Popen([sys.executable, "-c",
-        "import socket,time,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])));"
-        "s.listen(); time.sleep(600)", str(grand_port)], start_new_session=True)
-    open(pidfile, "w").write(str(g.pid))
+    hold = ("import socket,time,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])));"
+            "s.listen(); time.sleep(600)")
+    # a grandchild in its own session (what Prefect's runner does with flow runs)
+    g = subprocess.Popen([sys.executable, "-c", hold, str(grand_port)], start_new_session=True)
+    # an orphan: started through a parent that exits at once (a daemon's double fork); it
+    # is re-parented to the nearest subreaper, the supervisor, or else to init
+    daemon = ("import subprocess as sp, sys; p = sp.Popen([sys.executable, '-c', sys.argv[1],"
+              " sys.argv[2]], start_new_session=True, stdout=sp.DEVNULL, stderr=sp.DEVNULL);"
+              " print(p.pid)")
+    orphan = subprocess.run([sys.executable, "-c", daemon, hold, str(orphan_port)],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    open(pidfile, "w").write(f"{g.pid} {orphan}")
     time.sleep(600)
     """
 )
@@ -46,11 +55,11 @@ SUPERVISOR = textwrap.dedent(
     import json, sys
     from pathlib import Path
     from quarkflow_core.supervisor import Supervisor, Stopped
-    service, stubborn, out = sys.argv[1], sys.argv[2], Path(sys.argv[4])
+    service, stubborn, out, grace = sys.argv[1], sys.argv[2], Path(sys.argv[4]), float(sys.argv[5])
     ports = json.loads(sys.argv[3])
-    with Supervisor(grace_s=3) as sup:
+    with Supervisor(grace_s=grace) as sup:
         try:
-            a = sup.start("a", [sys.executable, "-c", service, str(ports[0]), str(ports[1]),
+            a = sup.start("a", [sys.executable, "-c", service, *map(str, ports),
                                 str(out / "grandchild.pid")], log_path=out / "a.log")
             b = sup.start("b", [sys.executable, "-c", stubborn], log_path=out / "b.log")
             (out / "children.json").write_text(json.dumps([a.proc.pid, b.proc.pid]))
@@ -62,13 +71,27 @@ SUPERVISOR = textwrap.dedent(
 )
 
 
+@pytest.fixture(autouse=True)
+def no_strays(tmp_path):
+    """Whatever a failing test leaves (found by its pid files) is killed."""
+    yield
+    pids = []
+    for name in ("children.json", "grandchild.pid"):
+        f = tmp_path / name
+        if f.exists():
+            pids += [int(p) for p in f.read_text().strip("[]\n").replace(",", " ").split()]
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+
+
 def _port_taken(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _start(tmp_path: Path, *, via_parent: bool):
-    ports = [free_port(), free_port()]
+def _start(tmp_path: Path, *, via_parent: bool, grace_s: float = 3):
+    ports = [free_port(), free_port(), free_port()]
     argv = [
         sys.executable,
         "-c",
@@ -77,6 +100,7 @@ def _start(tmp_path: Path, *, via_parent: bool):
         STUBBORN,
         json.dumps(ports),
         str(tmp_path),
+        str(grace_s),
     ]
     if via_parent:  # a parent that is not us, like `make`: a shell that waits on it
         argv = ["bash", "-c", shlex.join(argv) + "; true"]
@@ -87,9 +111,13 @@ def _start(tmp_path: Path, *, via_parent: bool):
         what="the supervised services",
     )
     pids = [*json.loads((tmp_path / "children.json").read_text())]
-    pids.append(int((tmp_path / "grandchild.pid").read_text()))
+    pids += [int(p) for p in (tmp_path / "grandchild.pid").read_text().split()]
+    supervisor = proc.pid
+    if via_parent:
+        (supervisor,) = [c.pid for c in psutil.Process(proc.pid).children() if "python" in c.name()]
+    assert psutil.Process(pids[-1]).ppid() == supervisor  # the orphan came to its subreaper
     assert all(psutil.pid_exists(p) for p in pids)
-    return proc, pids, ports
+    return proc, [*pids, supervisor], ports
 
 
 def _assert_all_gone(pids: list[int], ports: list[int]) -> None:
@@ -116,10 +144,18 @@ def test_one_signal_stops_every_process_and_frees_ports(tmp_path, sig):
 def test_parent_dying_stops_everything(tmp_path):
     """SIGTERM to `make` (the launcher's parent) must not leave the launcher and its services."""
     parent, pids, ports = _start(tmp_path, via_parent=True)
-    supervisor = [c for c in psutil.Process(parent.pid).children() if "python" in c.name()]
-    assert len(supervisor) == 1
     parent.kill()  # the parent goes away without forwarding anything
     parent.wait(timeout=10)
-    t0 = time.monotonic()
-    _assert_all_gone([*pids, supervisor[0].pid], ports)
-    assert time.monotonic() - t0 < 30
+    _assert_all_gone(pids, ports)
+
+
+def test_a_second_ctrl_c_kills_at_once(tmp_path):
+    """A service that ignores SIGTERM would hold everything for the grace period (here 120 s):
+    a second Ctrl-C must not wait for it."""
+    proc, pids, ports = _start(tmp_path, via_parent=False, grace_s=120)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(1)
+    assert proc.poll() is None  # still waiting on the stubborn one
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    _assert_all_gone(pids, ports)
