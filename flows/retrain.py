@@ -126,6 +126,7 @@ def retrain(
     kfold: int = 0,
     prune_ratio: float | None = None,
     export: str | None = "onnx",
+    min_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Retrain from seed + feedback + annotations; register the candidate as challenger."""
     spec = core.RetrainSpec(
@@ -139,6 +140,7 @@ def retrain(
         kfold=kfold,
         prune_ratio=prune_ratio,
         export=export,
+        min_epochs=min_epochs,
     )
     snap = snapshot_task()
     key, existing = existing_task(snap["snapshot_id"], spec)

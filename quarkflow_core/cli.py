@@ -860,18 +860,47 @@ def worker(
 
 @app.command("retrain")
 def retrain_cmd(
-    epochs: int = typer.Option(15),
-    architecture: str = typer.Option("smallcnn", "--arch"),
-    kfold: int = typer.Option(0),
+    epochs: int = typer.Option(15, help="Maximum epochs (early stopping may end sooner)."),
+    min_epochs: int | None = typer.Option(
+        None, help="No early stop before this epoch (default: 80% of --epochs)."
+    ),
+    architecture: str = typer.Option("smallcnn", "--arch", help="See `quarkflow models-zoo`."),
+    batch_size: int = typer.Option(128),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (one-cycle schedule)."),
+    augment: str = typer.Option("light", help="none | light | photo"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    kfold: int = typer.Option(0, help="Also run stratified k-fold CV on the train split."),
     prune_ratio: float | None = typer.Option(None, help="Also prune the candidate."),
     deployment: bool = typer.Option(
         False, help="Start the `retrain` deployment on the worker instead of running here."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Run the retrain flow now (or trigger its deployment): snapshot, train, register."""
+    import json
+
+    from quarkflow_core.ml.train import TrainConfig
+
+    TrainConfig(
+        architecture=architecture,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        augment=augment,
+        seed=seed,
+        device=device,
+        min_epochs=min_epochs,
+    ).validate()  # a bad option fails here, not minutes later on the worker
     params = {
         "epochs": epochs,
+        "min_epochs": min_epochs,
         "architecture": architecture,
+        "batch_size": batch_size,
+        "lr": lr,
+        "augment": augment,
+        "seed": seed,
+        "device": device,
         "kfold": kfold,
         "prune_ratio": prune_ratio,
     }
@@ -879,11 +908,17 @@ def retrain_cmd(
         from quarkflow_core.orchestration import trigger_deployment
 
         run_id = trigger_deployment(_settings().prefect_api_url, parameters=params)
-        console.print(f"started retrain flow run {run_id} on the worker")
+        if as_json:
+            print(json.dumps({"flow_run_id": run_id, "parameters": params}))
+        else:
+            console.print(f"started retrain flow run {run_id} on the worker")
         return
     from flows.retrain import retrain
 
     result = retrain(**params)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
     cand = result["candidate"]
     console.print(
         f"candidate v{cand['version']} registered as challenger; policy: "

@@ -37,6 +37,7 @@ class RetrainSpec:
     prune_ratio: float | None = None
     recover_epochs: int = 2
     export: str | None = "onnx"
+    min_epochs: int | None = None  # early stopping not before (default: 80% of epochs)
 
     def train_config(self):
         from quarkflow_core.ml.train import TrainConfig
@@ -49,10 +50,14 @@ class RetrainSpec:
             augment=self.augment,
             seed=self.seed,
             device=self.device,
+            min_epochs=self.min_epochs,
         )
 
     def key(self, snapshot_hash: str) -> str:
-        text = json.dumps({"snapshot": snapshot_hash, "spec": asdict(self)}, sort_keys=True)
+        spec = asdict(self)
+        if spec["min_epochs"] is None:  # keys of runs from before the option stay the same
+            del spec["min_epochs"]
+        text = json.dumps({"snapshot": snapshot_hash, "spec": spec}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -3,18 +3,21 @@ cleanly), the label-count trigger, batch prediction on a 2-worker Dask cluster."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from serving_helpers import deploy
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from typer.testing import CliRunner
 
-from quarkflow_core import registry
+from quarkflow_core import cli, registry
 from quarkflow_core.config import get_settings
 from quarkflow_core.demo import demo_pngs, seed_demo
 from quarkflow_core.schema import Image, ModelVersion, Prediction
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-QUICK = {"epochs": 2, "batch_size": 64, "augment": "none", "export": "onnx"}
+QUICK = {"epochs": 2, "min_epochs": 2, "batch_size": 64, "augment": "none", "export": "onnx"}
 
 
 @pytest.fixture
@@ -55,9 +58,34 @@ def test_retrain_registers_a_challenger_and_is_idempotent(loop):
         assert registry.get_version(session=s, ref="challenger").version == 2
         row = registry.get_version(session=s, ref=2)
         assert "model.onnx" in row.manifest["files"] and row.training_run_id is not None
+        assert row.manifest["training"]["config"]["min_epochs"] == 2  # the option reached fit
     again = retrain(**QUICK)
     assert again["reused"] is True and again["candidate"]["version"] == 2
     assert _versions(engine) == [1, 2]
+    # `quarkflow retrain` passes the same options and prints a machine-readable result
+    out = CliRunner().invoke(
+        cli.app,
+        [
+            "retrain",
+            "--epochs",
+            "2",
+            "--min-epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--augment",
+            "none",
+            "--json",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert printed["reused"] is True and printed["candidate"]["version"] == 2
+    assert printed["spec"]["batch_size"] == 64 and printed["spec"]["min_epochs"] == 2
+    bad = CliRunner().invoke(cli.app, ["retrain", "--epochs", "5", "--min-epochs", "9"])
+    assert bad.exit_code != 0 and "min_epochs must be between 1 and epochs (5)" in str(
+        bad.exception
+    )
 
 
 def test_a_failed_train_task_is_retried(loop, monkeypatch):

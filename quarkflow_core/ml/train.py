@@ -79,6 +79,10 @@ class TrainConfig:
             raise InvalidInput(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.lr <= 0:
             raise InvalidInput(f"lr must be > 0, got {self.lr}")
+        if self.min_epochs is not None and not 1 <= self.min_epochs <= self.epochs:
+            raise InvalidInput(
+                f"min_epochs must be between 1 and epochs ({self.epochs}), got {self.min_epochs}"
+            )
 
     def eval_preset(self, in_channels: int | None = None) -> Preprocess:
         name = self.preset or model_spec(self.architecture).default_preset
