@@ -29,7 +29,7 @@ def predict_chunk(keys: list[str], source_url: str | None) -> dict[str, Any]:
             storage=dest,
             keys=keys,
             predictor=predictor,
-            review_threshold=settings.review_threshold,
+            review_threshold=predictor.threshold(settings.review_threshold),
         )
 
 

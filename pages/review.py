@@ -58,11 +58,16 @@ def body() -> None:
         total, items = review_queue(session=s, limit=100)
         classes = project_classes(session=s) if items else []
     if not items:
-        threshold = fmt.percent(wb.settings().review_threshold, 0)
+        fixed = wb.settings().review_threshold
+        threshold = (
+            f"under {fmt.percent(fixed, 0)}, QF_REVIEW_THRESHOLD"
+            if fixed is not None
+            else "under the serving model's calibrated threshold"
+        )
         st.info(
             "The review queue is empty: low-confidence predictions (calibrated confidence "
-            f"under {threshold}, QF_REVIEW_THRESHOLD) and 'wrong' verdicts from experts land "
-            "here. Nothing needs a person right now; come back after traffic arrives."
+            f"{threshold}) and 'wrong' verdicts from experts land here. Nothing needs a person "
+            "right now; come back after traffic arrives."
         )
         return
     shown = f"; the {len(items):,} most urgent are listed" if total > len(items) else ""

@@ -48,8 +48,12 @@ class Settings(BaseSettings):
     )
     prefect_api_url: str | None = Field(None, description="Prefect server; unset = ephemeral.")
 
-    review_threshold: float = Field(
-        0.8, ge=0.0, le=1.0, description="Calibrated confidence below which items go to review."
+    review_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Calibrated confidence below which predictions go to review, for every "
+        "model; unset = each served model's own calibrated threshold (else 0.8).",
     )
     secret_key: SecretStr = Field(
         SecretStr(DEV_SECRET), description="Key for hashing API tokens (HMAC pepper)."

@@ -316,7 +316,7 @@ class PredictionService:
         futures = [
             self.batcher.submit(predictor.preprocess_image(image), predictor) for _, image in infos
         ]
-        threshold = self.settings.review_threshold
+        threshold = predictor.threshold(self.settings.review_threshold)
         out = []
         for (data, _), (info, _), fut in zip(uploads, infos, futures, strict=True):
             probs = fut.result(timeout=60)

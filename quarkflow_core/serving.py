@@ -46,6 +46,14 @@ class Predictor:
     review_threshold: float | None = None
     loaded_at: float = field(default_factory=time.time)
 
+    def threshold(self, override: float | None = None) -> float:
+        """The calibrated confidence below which a prediction goes to review: ``override``
+        (QF_REVIEW_THRESHOLD) when set, else this model's own (from its manifest: the lowest
+        confidence at which validation accuracy stays >= 99%), else 0.8."""
+        if override is not None:
+            return override
+        return self.review_threshold if self.review_threshold is not None else 0.8
+
     @classmethod
     def from_loaded(
         cls,

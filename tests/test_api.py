@@ -481,3 +481,25 @@ def test_canonical_conversions_are_right():
     buf = io.BytesIO()
     rot.save(buf, "JPEG", exif=exif)
     assert canonical_image(PILImage.open(io.BytesIO(buf.getvalue()))).size == (28, 20)
+
+
+def test_review_threshold_is_the_serving_models_own_unless_set(deployment):
+    """QF_REVIEW_THRESHOLD unset: the served model's calibrated threshold (from its manifest)
+    decides what goes to review; set: that value, for every model."""
+    from dataclasses import replace
+
+    app = create_app(deployment.settings(review_threshold=None), with_demo=False, watch=False)
+    data, _ = _png(0)
+    with TestClient(app) as client:
+        holder = app.state.service.holder
+        served = holder.current
+        assert served.review_threshold is None and served.threshold() == 0.8  # no calibration
+        for own, expected in ((1.0, True), (0.0, False)):
+            holder.swap(replace(served, review_threshold=own))
+            r = client.post(
+                "/api/v1/predictions",
+                files={"file": ("d.png", data, "image/png")},
+                headers=deployment.auth("expert"),
+            )
+            assert r.status_code == 200 and r.json()["review"] is expected
+    assert replace(served, review_threshold=0.3).threshold(0.9) == 0.9  # the setting wins
