@@ -411,6 +411,17 @@ def create_app(
             s.commit()
             return {"id": item.id, "state": item.state.value, "reason": item.reason.value}
 
+    @app.get("/api/v1/images/{sha256}/prediction", tags=["predictions"], responses=ERRORS)
+    def latest_image_prediction(
+        who: Who, sha256: str = FastApiPath(pattern="^[0-9a-f]{64}$", description="sha256, hex")
+    ) -> dict:
+        """The newest logged prediction of an image, by its content hash (what
+        `quarkflow batch-predict` and the review queue report), with feedback and review."""
+        from quarkflow_core.predictions import latest_prediction, prediction_dict
+
+        with service.session() as s:
+            return prediction_dict(s, latest_prediction(session=s, image_sha256=sha256))
+
     @app.get("/api/v1/images/{sha256}", tags=["review"], responses=ERRORS)
     def get_image(
         sha256: str,

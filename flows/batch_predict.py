@@ -6,7 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect_dask import DaskTaskRunner
 
 from flows.common import data_dir, db, storage, storage_at
@@ -53,13 +57,21 @@ def batch_predict(
     keys = list_images(source, prefix)
     chunks = [keys[i : i + chunk_size] for i in range(0, len(keys), chunk_size)]
     futures = [predict_chunk.submit(chunk, source_url) for chunk in chunks]
-    results = [f.result() for f in futures]
+    bar = create_progress_artifact(progress=0.0, description=f"batch prediction of {prefix}")
+    results = []
+    for i, future in enumerate(futures, start=1):
+        results.append(future.result())
+        update_progress_artifact(bar, progress=100.0 * i / len(futures))
+        print(f"chunk {i}/{len(futures)}: {sum(r['predicted'] for r in results)} predicted")
+    predictions = [p for r in results for p in r["predictions"]]
     summary = {
         "images": len(keys),
         "chunks": len(chunks),
         "predicted": sum(r["predicted"] for r in results),
         "review": sum(r["review"] for r in results),
         "errors": [e for r in results for e in r["errors"]],
+        "predictions": predictions,
+        "review_items": sorted({p["review_item_id"] for p in predictions if p["review_item_id"]}),
     }
     create_markdown_artifact(
         key="batch-predict-report",

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.database import begin_write
@@ -14,6 +15,7 @@ from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.images import ALLOWED_FORMATS, validate_upload
 from quarkflow_core.outbox import Record
 from quarkflow_core.predictions import PREDICTION, apply_records, prediction_record
+from quarkflow_core.schema import Image, ReviewItem
 from quarkflow_core.serving import Predictor, summarize
 from quarkflow_core.storage import Storage
 
@@ -50,7 +52,7 @@ def predict_keys(
 ) -> dict[str, Any]:
     """Predict the images at ``keys`` in ``source`` and log them (blobs to ``storage``, rows to
     the database) in one transaction. Invalid files are reported, not logged."""
-    records, errors = [], []
+    records, errors, done = [], [], []
     for start in range(0, len(keys), batch_size):
         chunk = keys[start : start + batch_size]
         valid, arrays = [], []
@@ -81,12 +83,33 @@ def predict_keys(
                 source="batch",
             )
             records.append(Record(0, PREDICTION, payload["id"], payload, data, 0))
+            done.append(key)
     begin_write(session)
     apply_records(session, storage, records)
     session.commit()
+    shas = [r.payload["image"]["sha256"] for r in records]
+    items = dict(
+        session.execute(
+            select(Image.sha256, ReviewItem.id)
+            .join(ReviewItem, ReviewItem.image_id == Image.id)
+            .where(Image.sha256.in_(shas))
+        ).all()
+    )
     return {
         "predicted": len(records),
         "review": sum(1 for r in records if r.payload["review"]),
         "errors": errors,
         "labels": [r.payload["label"] for r in records],
+        "predictions": [
+            {
+                "key": key,
+                "prediction_id": r.payload["id"],
+                "image_sha256": sha,
+                "label": r.payload["label"],
+                "confidence": r.payload["confidence"],
+                "review": r.payload["review"],
+                "review_item_id": items.get(sha) if r.payload["review"] else None,
+            }
+            for r, sha, key in zip(records, shas, done, strict=True)
+        ],
     }

@@ -926,6 +926,46 @@ def retrain_cmd(
     )
 
 
+@app.command("batch-predict")
+def batch_predict_cmd(
+    prefix: str = typer.Argument(..., help="Storage prefix of the images, e.g. incoming/2026-11/"),
+    source: str | None = typer.Option(
+        None, help="Where they are (file://… or gs://…); default: QF_STORAGE_URL."
+    ),
+    chunk_size: int = typer.Option(64, min=1, help="Images per Dask task."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Predict every image under PREFIX with the champion (the batch_predict flow, here), log
+    them like the API does, and list each image's prediction id and review item."""
+    import json
+
+    from flows.batch_predict import batch_predict
+
+    result = batch_predict(prefix=prefix, source_url=source, chunk_size=chunk_size)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table(title=f"{result['predicted']} of {result['images']} images under {prefix!r}")
+    for col in ("image", "label", "confidence", "prediction id", "review item"):
+        table.add_column(col)
+    for p in result["predictions"]:
+        table.add_row(
+            p["key"],
+            p["label"],
+            f"{p['confidence']:.1%}",
+            p["prediction_id"],
+            f"#{p['review_item_id']}" if p["review_item_id"] else "",
+        )
+    console.print(table)
+    for e in result["errors"]:
+        console.print(f"[red]refused[/red] {e['key']}: {e['detail']}", highlight=False)
+    console.print(
+        f"{result['review']} sent to the review queue (items "
+        f"{', '.join(f'#{i}' for i in result['review_items']) or 'none'}); "
+        f"{len(result['errors'])} refused"
+    )
+
+
 @app.command("labelstudio-sync")
 def labelstudio_sync_cmd() -> None:
     """Push open review items to Label Studio and pull annotations back (the flow, here)."""

@@ -241,6 +241,20 @@ def get_prediction(*, session: Session, prediction_id: str) -> Prediction | None
     return session.get(Prediction, prediction_id)
 
 
+def latest_prediction(*, session: Session, image_sha256: str) -> Prediction:
+    """The newest logged prediction of an image (by content hash)."""
+    pred = session.scalar(
+        select(Prediction)
+        .join(Image, Image.id == Prediction.image_id)
+        .where(Image.sha256 == image_sha256)
+        .order_by(Prediction.created_at.desc(), Prediction.id)
+        .limit(1)
+    )
+    if pred is None:
+        raise NotFound(f"no logged prediction of an image with sha256 {image_sha256}")
+    return pred
+
+
 def review_queue(
     *,
     session: Session,

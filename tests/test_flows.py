@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from fastapi.testclient import TestClient
 from serving_helpers import deploy
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from app.api import create_app
 from quarkflow_core import cli, registry
 from quarkflow_core.config import get_settings
 from quarkflow_core.demo import demo_pngs, seed_demo
-from quarkflow_core.schema import Image, ModelVersion, Prediction
+from quarkflow_core.schema import Image, ModelVersion, Prediction, ReviewItem
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUICK = {"epochs": 2, "min_epochs": 2, "batch_size": 64, "augment": "none", "export": "onnx"}
@@ -221,3 +223,36 @@ def test_batch_predict_on_a_two_worker_dask_cluster(loop, tmp_path):
         batch_images = s.scalars(select(Image).where(Image.source == "batch")).all()
     assert len(batch_images) == 12
     assert all(dep.storage().exists(im.storage_key) for im in batch_images)
+    # every image's prediction id and review item, to act on
+    by_key = {p["key"]: p for p in result["predictions"]}
+    assert set(by_key) == {f"incoming/{i}.png" for i in range(700, 712)}
+    with Session(engine) as s:
+        for p in by_key.values():
+            row = s.get(Prediction, p["prediction_id"])
+            assert row is not None and row.label == p["label"]
+            item = s.scalar(select(ReviewItem).where(ReviewItem.image_id == row.image_id))
+            assert (item.id if item else None) == p["review_item_id"] or not p["review"]
+            assert bool(p["review_item_id"]) == p["review"]
+    assert result["review_items"] == sorted(
+        p["review_item_id"] for p in by_key.values() if p["review"]
+    )
+    # the same from the command line, then the image's latest prediction through the API
+    out = CliRunner().invoke(
+        cli.app,
+        ["batch-predict", "incoming/", "--source", f"file://{tmp_path}/inbox", "--json"],
+    )
+    assert out.exit_code == 0, out.output
+    again = {p["key"]: p for p in json.loads(out.stdout.strip().splitlines()[-1])["predictions"]}
+    assert set(again) == set(by_key)
+    first = again["incoming/700.png"]
+    assert first["prediction_id"] != by_key["incoming/700.png"]["prediction_id"]
+    app = create_app(dep.settings(), with_demo=False, watch=False)
+    with TestClient(app) as client:
+        r = client.get(
+            f"/api/v1/images/{first['image_sha256']}/prediction", headers=dep.auth("expert")
+        )
+        assert r.status_code == 200 and r.json()["id"] == first["prediction_id"]
+        unknown = client.get(f"/api/v1/images/{'0' * 64}/prediction", headers=dep.auth("expert"))
+        assert unknown.status_code == 404 and "no logged prediction" in unknown.json()["detail"]
+        bad = client.get("/api/v1/images/not-a-hash/prediction", headers=dep.auth("expert"))
+        assert bad.status_code == 422
