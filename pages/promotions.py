@@ -7,6 +7,7 @@ import streamlit as st
 from app import wb
 from quarkflow_core import formatting as fmt
 from quarkflow_core import registry
+from quarkflow_core.errors import QuarkflowError
 from quarkflow_core.schema import Role
 
 NEW_VERSION = (
@@ -60,8 +61,17 @@ def history_table(events: list[dict]) -> None:
     )
 
 
+def done(message: str) -> None:
+    """Show ``message`` after a rerun, so the page (champion, candidates, history) already
+    reflects the decision."""
+    st.session_state["promotions-done"] = message
+    st.rerun()
+
+
 def body() -> None:
     st.title("Promotions")
+    if message := st.session_state.pop("promotions-done", None):
+        st.success(message)
     lead = wb.has_role(Role.ML_LEAD)
     with wb.session() as s:
         named = {a: v.version for a, v in registry.aliases(session=s).items()}
@@ -123,23 +133,27 @@ def body() -> None:
                 approve = c1.form_submit_button("Approve", type="primary")
                 reject = c2.form_submit_button("Reject")
             if approve or reject:
-                with wb.session() as s:
-                    if approve:
-                        ev = registry.approve(
-                            session=s,
-                            storage=wb.storage(),
-                            version=pick,
-                            user=wb.db_user(s),
-                            reason=reason,
-                            cache_root=wb.settings().data_dir / "model-cache",
-                            override=override,
-                            config=registry.PolicyConfig.from_settings(wb.settings()),
-                        )
-                    else:
-                        ev = registry.reject(
-                            session=s, version=pick, user=wb.db_user(s), reason=reason
-                        )
-                    st.success(
+                try:
+                    with wb.session() as s:
+                        if approve:
+                            ev = registry.approve(
+                                session=s,
+                                storage=wb.storage(),
+                                version=pick,
+                                user=wb.db_user(s),
+                                reason=reason,
+                                cache_root=wb.settings().data_dir / "model-cache",
+                                override=override,
+                                config=registry.PolicyConfig.from_settings(wb.settings()),
+                            )
+                        else:
+                            ev = registry.reject(
+                                session=s, version=pick, user=wb.db_user(s), reason=reason
+                            )
+                except QuarkflowError as exc:  # refused: say why, keep the rest of the page
+                    st.error(exc.detail)
+                else:
+                    done(
                         f"{ev.action.value}: recorded (event #{ev.id}); "
                         "serving follows within seconds."
                     )
@@ -153,15 +167,19 @@ def body() -> None:
             reason_rb = st.text_input("Reason for the rollback")
             rb = st.form_submit_button("Roll back")
         if rb:
-            with wb.session() as s:
-                ev = registry.rollback(
-                    session=s,
-                    storage=wb.storage(),
-                    user=wb.db_user(s),
-                    reason=reason_rb,
-                    to=None if isinstance(to, str) else to,
-                )
-            st.success(f"rolled back (event #{ev.id}): see the history below")
+            try:
+                with wb.session() as s:
+                    ev = registry.rollback(
+                        session=s,
+                        storage=wb.storage(),
+                        user=wb.db_user(s),
+                        reason=reason_rb,
+                        to=None if isinstance(to, str) else to,
+                    )
+            except QuarkflowError as exc:
+                st.error(exc.detail)
+            else:
+                done(f"rolled back (event #{ev.id}): see the history below")
     if not lead:
         st.info("Read-only: approving, rejecting and rolling back need the ml_lead role.")
     with wb.session() as s:

@@ -13,6 +13,7 @@ def queue_table(items: list[dict]) -> None:
     df = pd.DataFrame(items)
     df["image"] = df["storage_key"].map(wb.thumbnail)
     df["reason"] = df["reason"].map(fmt.words)
+    df["expert_label"] = df["expert_label"].fillna("")
     df["created_at"] = df["created_at"].map(fmt.as_utc)
     st.dataframe(
         df[

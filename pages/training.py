@@ -78,11 +78,15 @@ def curves(run: dict) -> None:
         )
 
 
+REFRESH_S = 5  # the runs table and curves follow a retrain on the worker
+
+
 def body() -> None:
     st.title("Training runs")
     lead = wb.has_role(Role.ML_LEAD)
     if lead:
-        with st.form("retrain"):
+        # Enter does not submit: a number typed and confirmed must not start a second run
+        with st.form("retrain", enter_to_submit=False):
             epochs = st.number_input("Epochs", 1, 200, 15)
             kfold = st.number_input("k-fold (0 = off)", 0, 10, 0)
             go = st.form_submit_button("Start retrain on the worker")
@@ -93,7 +97,17 @@ def body() -> None:
                 wb.settings().prefect_api_url,
                 parameters={"epochs": int(epochs), "kfold": int(kfold)},
             )
-            st.success(f"retrain started on the worker: flow run {run}")
+            st.success(
+                f"retrain started on the worker: flow run {run}. It appears below within "
+                "seconds and registers a challenger when it finishes."
+            )
+    runs_view(lead)
+
+
+@st.fragment(run_every=REFRESH_S)
+def runs_view(lead: bool) -> None:
+    """Re-read every few seconds, so a run started on the worker shows up and its curves
+    grow without a reload."""
     with wb.session() as s:
         runs = analytics.training_runs(session=s)
     if not runs:
@@ -106,14 +120,17 @@ def body() -> None:
         )
         return
     runs_table(runs)
-    run = st.selectbox(
+    by_id = {r["id"]: r for r in runs}
+    pick = st.selectbox(
         "Run",
-        runs,
-        format_func=lambda r: (
-            f"#{r['id']} {r['architecture']}: {r['status']}, "
-            f"started {fmt.relative(r['started_at'])}"
+        list(by_id),
+        format_func=lambda i: (
+            f"#{i} {by_id[i]['architecture']}: {by_id[i]['status']}, "
+            f"started {fmt.relative(by_id[i]['started_at'])}"
         ),
+        key="training-run",
     )
+    run = by_id[pick]
     if run["error"]:
         st.error(run["error"])
     if run["history"]:
