@@ -23,7 +23,7 @@ def metric_table(rep: dict, a: int, b: int) -> None:
         "accuracy": "accuracy",
         "ece": "ECE (calibration error)",
         "size_bytes": "size",
-        "latency_ms": "latency (median, batch 1)",
+        "latency_ms": "latency (median, batch 1, measured for this comparison)",
     }
     rows = [
         ("accuracy", rep["accuracy_a"], rep["accuracy_b"], rep["accuracy_delta"]),
@@ -184,7 +184,7 @@ def body() -> None:
             color="variant",
             text="version",
             hover_data={"size": True, "size_mb": False, "accuracy": ":.2%"},
-            labels={"latency_ms": "latency (ms, batch 1)"},
+            labels={"latency_ms": "latency at training time (ms, batch 1)"},
             title="Size / latency / accuracy (all versions, pruned variants marked)",
         )
         .update_traces(textposition="top center")
