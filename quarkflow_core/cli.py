@@ -880,18 +880,6 @@ def retrain_cmd(
     """Run the retrain flow now (or trigger its deployment): snapshot, train, register."""
     import json
 
-    from quarkflow_core.ml.train import TrainConfig
-
-    TrainConfig(
-        architecture=architecture,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        augment=augment,
-        seed=seed,
-        device=device,
-        min_epochs=min_epochs,
-    ).validate()  # a bad option fails here, not minutes later on the worker
     params = {
         "epochs": epochs,
         "min_epochs": min_epochs,
@@ -904,6 +892,9 @@ def retrain_cmd(
         "kfold": kfold,
         "prune_ratio": prune_ratio,
     }
+    from quarkflow_core.retrain import RetrainSpec
+
+    RetrainSpec(**params).train_config().validate()  # a bad option fails here, not on the worker
     if deployment:
         from quarkflow_core.orchestration import trigger_deployment
 
