@@ -20,6 +20,7 @@ import httpx
 
 from quarkflow_core.config import Settings, child_environment
 from quarkflow_core.errors import ConfigError
+from quarkflow_core.orchestration import prefect_server_argv
 from quarkflow_core.supervisor import Stopped, Supervisor, port_free
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +73,6 @@ def streamlit_argv(*, host: str, port: int) -> list[str]:
         "--client.toolbarMode",
         "viewer",
     ]
-
-
-def prefect_server_argv(*, host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
 
 
 def _cli(*args: str) -> list[str]:
@@ -238,7 +235,7 @@ def run_demo(settings: Settings, plan: DemoPlan, *, out: Callable[[str], None] =
                     f"port {port} ({name}) is taken: is another `make demo` running? Stop it, "
                     "or choose other ports (make demo PORT=8010 WB_PORT=8511 PREFECT_PORT=4210)"
                 )
-        with Supervisor(out=out) as sup:
+        with Supervisor() as sup:
             try:
                 start(sup, settings, plan, out)
                 while True:

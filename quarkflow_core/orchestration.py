@@ -25,17 +25,7 @@ def local_prefect_server(
         return
     url = f"http://127.0.0.1:{port}/api"
     proc = subprocess.Popen(  # noqa: S603 - fixed arguments
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        prefect_server_argv(host="127.0.0.1", port=port),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -49,6 +39,11 @@ def local_prefect_server(
         yield url
     finally:
         stop_process(proc, timeout_s=20)
+
+
+def prefect_server_argv(*, host: str, port: int) -> list[str]:
+    """The command that runs a Prefect server (`quarkflow worker`'s and `quarkflow demo`'s)."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
 
 
 def wait_for_http(

@@ -82,10 +82,9 @@ class Supervisor:
     """Use as a context manager on the main thread; ``stop_requested`` turns true on SIGINT,
     SIGTERM or SIGHUP, and leaving the block stops every process started."""
 
-    def __init__(self, *, grace_s: float = 10.0, out: Callable[[str], None] = print) -> None:
+    def __init__(self, *, grace_s: float = 10.0) -> None:
         self.grace_s = grace_s
         self.children: list[Child] = []
-        self.out = out
         self._stop = threading.Event()
         self._old: dict[int, object] = {}
         self.reason: str | None = None
