@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi import Path as FastApiPath
@@ -372,15 +372,21 @@ def create_app(
     def review_queue(
         who: Who,
         limit: int = Query(50, ge=1, le=500),
-        offset: int = Query(0, ge=0, le=10_000_000),
+        offset: int = Query(0, ge=0, le=10_000),
+        strategy: Literal["uncertainty", "diverse"] | None = Query(
+            None, description="Order of the next items; default QF_REVIEW_STRATEGY."
+        ),
     ) -> dict:
-        """Open, sent and disputed review items, most uncertain or disputed first."""
+        """The work to do: open, sent and disputed items (answered ones have left). Disputed
+        first, then by the current champion's uncertainty, spread for diversity and class
+        balance under the `diverse` strategy."""
         from quarkflow_core.predictions import review_queue as queue
 
         need(who, Role.ANALYST, Role.ML_LEAD, action="reading the review queue")
+        chosen = strategy or settings.review_strategy
         with service.session() as s:
-            total, items = queue(session=s, limit=limit, offset=offset)
-        return {"total": total, "items": items}
+            total, items = queue(session=s, limit=limit, offset=offset, strategy=chosen)
+        return {"total": total, "strategy": chosen, "items": items}
 
     class ResolveIn(BaseModel):
         label: str = Field(min_length=1, max_length=128)

@@ -56,6 +56,7 @@ else:
             page("datasets", "Datasets", ":material/dataset:"),
             page("training", "Training runs", ":material/model_training:"),
             page("compare", "Model comparison", ":material/compare:"),
+            page("simulator", "Loop simulator", ":material/insights:"),
         ]
     pages.append(page("promotions", "Promotions", ":material/rocket_launch:"))
     with st.sidebar:

@@ -3,7 +3,13 @@
 import importlib
 import sys
 
-BENCHMARKS: list[str] = ["bench_train", "bench_ml_speed", "bench_serving", "bench_workbench"]
+BENCHMARKS: list[str] = [
+    "bench_train",
+    "bench_ml_speed",
+    "bench_serving",
+    "bench_workbench",
+    "bench_simulate",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -26,7 +26,9 @@ def snapshot_task() -> dict[str, Any]:
     from quarkflow_core.labels import build_training_snapshot
 
     with db() as s:
-        _, _, report = build_training_snapshot(session=s)
+        _, _, report = build_training_snapshot(
+            session=s, holdout_share=get_settings().holdout_share
+        )
     return report
 
 

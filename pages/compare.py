@@ -9,6 +9,7 @@ import streamlit as st
 from app import wb
 from quarkflow_core import formatting as fmt
 from quarkflow_core import registry
+from quarkflow_core.ml.compare import power_statement
 
 NEXT_VERSION = (
     "an ML lead starts a retrain on Training runs, or run `quarkflow train --out DIR` then "
@@ -94,8 +95,9 @@ def body() -> None:
     verdict = rep["verdict"]
     st.subheader(
         f"v{b} vs v{a}: {verdict} (McNemar p = {rep['mcnemar']['p_value']:.3g}, "
-        f"n = {rep['n']:,} hold-out images)"
+        f"n = {rep['n']:,} hold-out images of snapshot #{rep['snapshot_id']})"
     )
+    st.caption(f"What this hold-out can show: {power_statement(rep['power'])}.")
     metric_table(rep, a, b)
     per = pd.DataFrame(
         [

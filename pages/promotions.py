@@ -16,6 +16,7 @@ NEW_VERSION = (
 )
 # Material icons (shipped with Streamlit) render where no emoji font is installed.
 CHECK_ICON = {True: ":green[:material/check_circle:]", False: ":red[:material/cancel:]"}
+INFO_ICON = ":blue[:material/info:]"  # the power statement informs; it never fails
 
 
 def history_table(events: list[dict]) -> None:
@@ -113,7 +114,7 @@ def body() -> None:
         verdict = p.policy.verdict
         (st.success if p.policy.passed else st.warning)(f"Policy: {verdict}")
         for check in p.policy.checks:
-            icon = CHECK_ICON[bool(check["passed"])]
+            icon = INFO_ICON if check["name"] == "power" else CHECK_ICON[bool(check["passed"])]
             st.markdown(f"{icon} **{fmt.words(check['name'])}**: {check['detail']}")
         comp = p.evidence.get("comparison") or {}
         if comp:

@@ -1,4 +1,5 @@
-"""Review queue: prioritised items; confirm or relabel, send to Label Studio, mark as noise."""
+"""Review queue: the work still to do (answered items have left), in the order of the
+configured strategy; confirm or relabel, send to Label Studio, mark as noise."""
 
 import pandas as pd
 import streamlit as st
@@ -6,7 +7,9 @@ import streamlit as st
 from app import wb
 from quarkflow_core import formatting as fmt
 from quarkflow_core.predictions import review_queue
+from quarkflow_core.queue import queue_size
 from quarkflow_core.review import dismiss_as_noise, project_classes, resolve_item
+from quarkflow_core.schema import ReviewState
 
 
 def queue_table(items: list[dict]) -> None:
@@ -14,6 +17,8 @@ def queue_table(items: list[dict]) -> None:
     df["image"] = df["storage_key"].map(wb.thumbnail)
     df["reason"] = df["reason"].map(fmt.words)
     df["expert_label"] = df["expert_label"].fillna("")
+    df["note"] = df["note"].fillna("")
+    df["scored_by"] = df["scored_by"].map(fmt.version)
     df["created_at"] = df["created_at"].map(fmt.as_utc)
     st.dataframe(
         df[
@@ -23,9 +28,11 @@ def queue_table(items: list[dict]) -> None:
                 "predicted_label",
                 "expert_label",
                 "confidence",
+                "scored_by",
                 "reason",
                 "state",
                 "priority",
+                "note",
                 "created_at",
             ]
         ],
@@ -39,11 +46,16 @@ def queue_table(items: list[dict]) -> None:
                 "expert says", help="The label an expert gave with a 'wrong' verdict."
             ),
             "confidence": wb.confidence_column("calibrated confidence"),
+            "scored_by": st.column_config.TextColumn(
+                "scored by", help="The model whose uncertainty sets the priority: the champion."
+            ),
             "priority": st.column_config.NumberColumn(
                 "priority",
                 format="%.2f",
-                help="Higher is reviewed sooner: 1 and above means someone said 'wrong'.",
+                help="The champion's uncertainty (0-1); 1 and above: people disagree, or "
+                "someone said 'wrong' without naming the label.",
             ),
+            "note": st.column_config.TextColumn("why", width="medium"),
             "created_at": wb.time_column("queued"),
         },
     )
@@ -55,9 +67,11 @@ def suggested(item: dict) -> str | None:
 
 def body() -> None:
     st.title("Review queue")
+    strategy = wb.settings().review_strategy
     with wb.session() as s:
-        total, items = review_queue(session=s, limit=100)
+        total, items = review_queue(session=s, limit=100, strategy=strategy)
         classes = project_classes(session=s) if items else []
+        closed = queue_size(s, (ReviewState.CLOSED,))
     if not items:
         fixed = wb.settings().review_threshold
         threshold = (
@@ -71,8 +85,17 @@ def body() -> None:
             "right now; come back after traffic arrives."
         )
         return
-    shown = f"; the {len(items):,} most urgent are listed" if total > len(items) else ""
-    st.caption(f"{total:,} items open, sent to Label Studio or disputed{shown}; most urgent first")
+    shown = f"; the next {len(items):,} are listed" if total > len(items) else ""
+    order = (
+        "disputed first, then the champion's most uncertain, class-balanced and spread out"
+        if strategy == "diverse"
+        else "disputed first, then the champion's most uncertain"
+    )
+    st.caption(
+        f"{total:,} items to do (open, sent to Label Studio or disputed){shown}: {order} "
+        f"(QF_REVIEW_STRATEGY={strategy}). Answered items leave the queue; {closed:,} closed "
+        "themselves because the champion became sure of them."
+    )
     queue_table(items)
     item = st.selectbox(
         "Item",

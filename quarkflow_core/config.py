@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -55,6 +56,17 @@ class Settings(BaseSettings):
         description="Calibrated confidence below which predictions go to review, for every "
         "model; unset = each served model's own calibrated threshold (else 0.8).",
     )
+    review_strategy: Literal["uncertainty", "diverse"] = Field(
+        "diverse",
+        description="Order of the review queue's next items: 'uncertainty' = the champion's "
+        "most uncertain first; 'diverse' = from the most uncertain, class-balanced and spread "
+        "out (k-center on the model's output distribution). See quarkflow_core.queue.",
+    )
+    review_rescore: bool = Field(
+        True,
+        description="Re-score the open review items with each new champion the API loads "
+        "(new priorities; items it is sure of close themselves).",
+    )
     secret_key: SecretStr = Field(
         SecretStr(DEV_SECRET), description="Key for hashing API tokens (HMAC pepper)."
     )
@@ -89,6 +101,12 @@ class Settings(BaseSettings):
         None, ge=1, description="...and at least this many in every class that got labels."
     )
     label_trigger_s: int = Field(300, ge=10, description="How often the label trigger checks.")
+    holdout_share: float = Field(
+        0.2,
+        gt=0.0,
+        le=0.5,
+        description="Share of newly settled labels (per class) that joins the hold-out.",
+    )
 
     policy_noninferiority_margin: float = Field(
         0.005, ge=0.0, le=1.0, description="Promotion: allowed accuracy loss (CI lower bound)."

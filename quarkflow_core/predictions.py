@@ -11,9 +11,10 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from quarkflow_core import queue
 from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.images import ImageInfo, get_image_by_sha, image_row, store_blob
 from quarkflow_core.outbox import Record
@@ -23,7 +24,6 @@ from quarkflow_core.schema import (
     ModelVersion,
     Prediction,
     ReviewItem,
-    ReviewReason,
     ReviewState,
     Verdict,
     parse_enum,
@@ -31,7 +31,8 @@ from quarkflow_core.schema import (
 from quarkflow_core.storage import Storage
 
 PREDICTION, FEEDBACK = "prediction", "feedback"
-OPEN_STATES = (ReviewState.OPEN, ReviewState.DISPUTED, ReviewState.SENT)
+OPEN_STATES = queue.QUEUE_STATES
+feedback_label = queue.feedback_label  # re-exported: labels and review use it from here
 
 
 def prediction_record(
@@ -56,6 +57,7 @@ def prediction_record(
         "model_version": model_version,
         "latency_ms": round(latency_ms, 3),
         "review": summary["confidence"] < review_threshold,
+        "review_threshold": round(review_threshold, 6),
         "request_id": request_id,
         "user_id": user_id,
         "source": source,
@@ -70,53 +72,8 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
     return {**{k: record[k] for k in keys}, "image_sha256": record["image"]["sha256"]}
 
 
-def review_priority(*, margin: float, entropy: float, disputed: bool = False) -> float:
-    """Higher = reviewed sooner. Uncertainty in [0, 1] (small top-2 margin, high entropy);
-    anything a person called wrong comes before anything merely uncertain."""
-    uncertainty = 0.5 * (1.0 - margin) + 0.5 * entropy
-    return round((1.0 if disputed else 0.0) + uncertainty, 6)
-
-
-def feedback_label(verdict: Verdict, true_label: str | None, predicted: str) -> str | None:
-    """The label a piece of feedback asserts: "correct" confirms the prediction, "wrong"
-    gives the true label (or none)."""
-    return predicted if verdict == Verdict.CORRECT else true_label
-
-
 def parse_verdict(value: str) -> Verdict:
     return parse_enum(Verdict, value, "verdict")
-
-
-def upsert_review(
-    session: Session,
-    *,
-    image_id: int,
-    prediction_id: str | None,
-    reason: ReviewReason,
-    priority: float,
-) -> ReviewItem:
-    """One review item per image: a new reason raises its priority and re-opens it."""
-    item = session.scalar(select(ReviewItem).where(ReviewItem.image_id == image_id))
-    if item is None:
-        item = ReviewItem(
-            image_id=image_id,
-            prediction_id=prediction_id,
-            reason=reason,
-            state=ReviewState.OPEN,
-            priority=priority,
-        )
-        session.add(item)
-        session.flush()
-        return item
-    if priority > item.priority:
-        item.priority = priority
-    if reason == ReviewReason.USER_DISPUTED:
-        item.reason = reason
-        item.prediction_id = prediction_id or item.prediction_id
-        if item.state in (ReviewState.RESOLVED, ReviewState.DISMISSED):
-            item.state = ReviewState.OPEN
-    session.flush()
-    return item
 
 
 def _apply_prediction(session: Session, storage: Storage, record: Record) -> None:
@@ -150,14 +107,17 @@ def _apply_prediction(session: Session, storage: Storage, record: Record) -> Non
         )
     )
     session.flush()
-    if p.get("review"):
-        upsert_review(
-            session,
-            image_id=image.id,
-            prediction_id=p["id"],
-            reason=ReviewReason.LOW_CONFIDENCE,
-            priority=review_priority(margin=p["margin"], entropy=p["entropy"]),
-        )
+    score = queue.Score(
+        version=p.get("model_version"),
+        label=p["label"],
+        confidence=p["confidence"],
+        topk=p["topk"],
+        margin=p["margin"],
+        entropy=p["entropy"],
+        unsure=bool(p.get("review")),
+        threshold=p.get("review_threshold"),
+    )
+    queue.observe(session, image_id=image.id, prediction_id=p["id"], score=score)
 
 
 def _apply_feedback(session: Session, record: Record) -> None:
@@ -180,15 +140,7 @@ def _apply_feedback(session: Session, record: Record) -> None:
         )
     )
     session.flush()
-    if verdict == Verdict.WRONG:
-        top = pred.topk[1]["confidence"] if len(pred.topk) > 1 else 0.0
-        upsert_review(
-            session,
-            image_id=pred.image_id,
-            prediction_id=pred.id,
-            reason=ReviewReason.USER_DISPUTED,
-            priority=review_priority(margin=pred.confidence - top, entropy=0.0, disputed=True),
-        )
+    queue.settle(session, image_id=pred.image_id, prediction_id=pred.id)
 
 
 def apply_records(session: Session, storage: Storage, records: list[Record]) -> None:
@@ -261,30 +213,43 @@ def review_queue(
     states: tuple[ReviewState, ...] = OPEN_STATES,
     limit: int = 50,
     offset: int = 0,
+    strategy: str = "uncertainty",
 ) -> tuple[int, list[dict[str, Any]]]:
-    """(total, page) of review items, highest priority first."""
-    where = ReviewItem.state.in_(states)
-    total = session.scalar(select(func.count()).select_from(ReviewItem).where(where)) or 0
-    rows = session.execute(
+    """(total, page) of review items. The work queue (the default states) comes in the order
+    ``queue.order`` gives under ``strategy``; any other set of states, newest change first."""
+    total = queue.queue_size(session, states)
+    if tuple(states) == tuple(OPEN_STATES):
+        ids = queue.order(session, strategy=strategy, limit=offset + limit)[offset:]
+        ordering = None
+    else:
+        ids, ordering = None, (ReviewItem.updated_at.desc(), ReviewItem.id)
+    query = (
         select(ReviewItem, Image, Prediction)
         .join(Image, Image.id == ReviewItem.image_id)
         .outerjoin(Prediction, Prediction.id == ReviewItem.prediction_id)
-        .where(where)
-        .order_by(ReviewItem.priority.desc(), ReviewItem.id)
-        .limit(limit)
-        .offset(offset)
-    ).all()
+    )
+    if ids is not None:
+        found = {row[0].id: row for row in session.execute(query.where(ReviewItem.id.in_(ids)))}
+        rows = [found[i] for i in ids if i in found]
+    else:
+        query = query.where(ReviewItem.state.in_(states)).order_by(*ordering)
+        rows = session.execute(query.limit(limit).offset(offset)).all()
     page = [
         {
             "id": item.id,
             "image_sha256": image.sha256,
             "storage_key": image.storage_key,
             "prediction_id": item.prediction_id,
-            "predicted_label": pred.label if pred else None,
-            "confidence": pred.confidence if pred else None,
+            "predicted_label": item.scored_label or (pred.label if pred else None),
+            "confidence": item.scored_confidence
+            if item.scored_confidence is not None
+            else (pred.confidence if pred else None),
+            "scored_by": item.scored_version,
             "reason": item.reason.value,
             "state": item.state.value,
             "priority": item.priority,
+            "note": item.note,
+            "resolved_label": item.resolved_label,
             "created_at": item.created_at.isoformat(),
             "expert_label": None,
         }

@@ -336,7 +336,13 @@ def load_version(*, storage: Storage, row: ModelVersion, cache_root: str | Path)
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Thresholds of the promotion policy (settings QF_POLICY_*)."""
+    """Thresholds of the promotion policy (settings QF_POLICY_*).
+
+    A margin or drop limit only counts with evidence behind it: accuracy fails when the paired
+    McNemar test says the candidate is significantly worse, a class fails when its recall drops
+    by more than ``max_class_recall_drop`` *and* a one-sided exact test on the class's paired
+    discordant images says the drop is real (p < ``alpha``). One image in ten cannot fail a
+    model; a collapsing class does."""
 
     noninferiority_margin: float = 0.005
     max_class_recall_drop: float = 0.03
@@ -358,57 +364,119 @@ class PolicyVerdict:
     verdict: str  # pass | fail | no_champion
     reasons: list[str]
     checks: list[dict[str, Any]] = field(default_factory=list)
+    power: dict[str, Any] = field(default_factory=dict)  # what the hold-out can detect
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def evaluate_policy(report: dict[str, Any] | None, config: PolicyConfig) -> PolicyVerdict:
-    """Judge a comparison (A = champion, B = candidate). Advises; never promotes."""
-    if report is None:
-        return PolicyVerdict(True, "no_champion", ["no champion yet: nothing to compare against"])
-    checks = []
+def _accuracy_check(report: dict[str, Any], config: PolicyConfig) -> tuple[bool, str]:
+    from quarkflow_core.ml.compare import power_statement
+
     lo, hi = report["accuracy_delta_ci95"]
     p = report["mcnemar"]["p_value"]
     delta = report["accuracy_delta"]
-    if report["verdict"] == "better":
-        ok, why = True, f"significantly better: {delta:+.2%} accuracy, McNemar p={p:.3g}"
-    elif lo >= -config.noninferiority_margin:
-        ok, why = (
-            True,
-            f"non-inferior: accuracy {delta:+.2%}, 95% CI lower bound {lo:+.2%} ≥ "
-            f"-{config.noninferiority_margin:.2%}",
+    margin = config.noninferiority_margin
+    stats = f"accuracy {delta:+.2%} (95% CI [{lo:+.2%}, {hi:+.2%}], McNemar p={p:.3g})"
+    if p < config.alpha and delta > 0:
+        return True, f"significantly better: {stats}"
+    if p < config.alpha and delta < 0:
+        return False, f"significantly worse: {stats}"
+    if lo >= -margin:
+        return True, (
+            f"not significantly different and non-inferior within the margin: {stats}; "
+            f"the CI lower bound {lo:+.2%} ≥ -{margin:.2%}"
         )
-    else:
-        ok, why = (
-            False,
-            f"accuracy {delta:+.2%} (95% CI [{lo:+.2%}, {hi:+.2%}], McNemar p={p:.3g}) is neither "
-            f"significantly better nor within the -{config.noninferiority_margin:.2%} margin",
-        )
-    checks.append({"name": "accuracy", "passed": ok, "detail": why})
-    drops = {
-        c: -m["recall_delta"]
-        for c, m in report["per_class"].items()
-        if -m["recall_delta"] > config.max_class_recall_drop
-    }
-    worst = max((-m["recall_delta"] for m in report["per_class"].values()), default=0.0)
-    if drops:
-        listed = ", ".join(f"{c} (-{d:.1%})" for c, d in sorted(drops.items(), key=lambda x: -x[1]))
-        why = f"recall drops beyond {config.max_class_recall_drop:.1%} for class {listed}"
-    else:
-        limit = config.max_class_recall_drop
-        why = f"largest class recall drop {max(worst, 0.0):.1%} ≤ {limit:.1%}"
-    checks.append({"name": "class_recall", "passed": not drops, "detail": why})
-    ece_delta = report["ece_delta"]
-    ok = ece_delta <= config.max_ece_increase
-    why = (
-        f"calibration: ECE {report['ece_a']:.4f} -> {report['ece_b']:.4f} "
-        f"({'within' if ok else 'beyond'} the +{config.max_ece_increase:.3f} margin)"
+    mdd = report["power"]["mdd_accuracy"]
+    detects = (
+        f"with n={report['n']:,} this hold-out detects differences ≥ {mdd * 100:.1f} points"
+        if mdd is not None and mdd <= 1
+        else power_statement(report["power"])
     )
+    return True, (
+        f"not significantly different: {stats}; no evidence of harm, but non-inferiority "
+        f"within the -{margin:.2%} margin is not shown at this hold-out size ({detects})"
+    )
+
+
+def _class_recall_check(report: dict[str, Any], config: PolicyConfig) -> tuple[bool, str]:
+    limit, alpha = config.max_class_recall_drop, config.alpha
+
+    def shown(c: str, m: dict[str, Any]) -> str:
+        ci = m["recall_delta_ci"]
+        level = 1 - report.get("alpha", alpha)
+        ci_text = f", {level:.0%} CI [{ci[0]:+.1%}, {ci[1]:+.1%}]" if ci else ""
+        return (
+            f"{c} ({m['recall_delta']:+.1%}: {m['lost']} lost / {m['gained']} gained of "
+            f"{m['n']}, p={m['p_worse']:.2g}{ci_text})"
+        )
+
+    per_class = report["per_class"]
+    failing = {
+        c: m for c, m in per_class.items() if m["p_worse"] < alpha and -m["recall_delta"] > limit
+    }
+    rule = (
+        f"one-sided exact binomial test on the class's paired discordant images, α = {alpha:g}; "
+        f"recall-difference CI: Newcombe's paired score interval"
+    )
+    if failing:
+        listed = ", ".join(
+            shown(c, m) for c, m in sorted(failing.items(), key=lambda x: x[1]["recall_delta"])
+        )
+        return False, (
+            f"recall drops significantly and by more than {limit:.1%} for class {listed} ({rule})"
+        )
+    if not per_class:
+        return True, "no classes to check"
+    worst_c, worst = min(per_class.items(), key=lambda x: (x[1]["recall_delta"], x[1]["p_worse"]))
+    beyond = [c for c, m in per_class.items() if -m["recall_delta"] > limit]
+    unproven = (
+        f"; {len(beyond)} class(es) drop by more than {limit:.1%}, but not significantly"
+        if beyond
+        else ""
+    )
+    return True, (
+        f"no class recall drops significantly by more than {limit:.1%}; largest change "
+        f"{shown(worst_c, worst)}{unproven} ({rule})"
+    )
+
+
+def evaluate_policy(report: dict[str, Any] | None, config: PolicyConfig) -> PolicyVerdict:
+    """Judge a comparison (A = champion, B = candidate). Advises; never promotes.
+
+    Checks: ``accuracy`` (paired McNemar: fails only when significantly worse; says whether
+    non-inferiority within the margin is shown), ``class_recall`` (fails a class only on a
+    significant drop beyond the limit), ``calibration`` (fails on an ECE increase beyond the
+    margin whose paired bootstrap CI excludes 0) and ``power`` (always
+    passes: states the hold-out size and the smallest differences it can detect)."""
+    from quarkflow_core.ml.compare import power_statement
+
+    if report is None:
+        return PolicyVerdict(True, "no_champion", ["no champion yet: nothing to compare against"])
+    checks = []
+    ok, why = _accuracy_check(report, config)
+    checks.append({"name": "accuracy", "passed": ok, "detail": why})
+    ok, why = _class_recall_check(report, config)
+    checks.append({"name": "class_recall", "passed": ok, "detail": why})
+    ece_delta, margin = report["ece_delta"], config.max_ece_increase
+    lo, hi = report.get("ece_delta_ci95") or (ece_delta, ece_delta)
+    ok = ece_delta <= margin or lo <= 0  # worse beyond the margin, and not noise
+    stats = (
+        f"ECE {report['ece_a']:.4f} -> {report['ece_b']:.4f} "
+        f"({ece_delta:+.4f}, 95% bootstrap CI [{lo:+.4f}, {hi:+.4f}])"
+    )
+    if ece_delta <= margin:
+        why = f"calibration: {stats}, within the +{margin:.3f} margin"
+    elif ok:
+        why = f"calibration: {stats}: beyond the +{margin:.3f} margin, but not significantly worse"
+    else:
+        why = f"calibration significantly worse: {stats}, beyond the +{margin:.3f} margin"
     checks.append({"name": "calibration", "passed": ok, "detail": why})
+    power = dict(report["power"])
+    checks.append({"name": "power", "passed": True, "detail": power_statement(power)})
     passed = all(c["passed"] for c in checks)
     reasons = [c["detail"] for c in checks if not c["passed"]] or [c["detail"] for c in checks]
-    return PolicyVerdict(passed, "pass" if passed else "fail", reasons, checks)
+    return PolicyVerdict(passed, "pass" if passed else "fail", reasons, checks, power)
 
 
 def _comparison_key(a: ModelVersion, b: ModelVersion, snapshot_id: int) -> str:
@@ -425,9 +493,14 @@ def compare_versions(
     snapshot_id: int | None = None,
     alpha: float = 0.05,
 ) -> dict[str, Any]:
-    """Paired comparison of B against A on one hold-out (default: B's snapshot's), cached in
-    storage under ``comparisons/`` so the workbench and the approval see the same numbers."""
-    from quarkflow_core.ml.compare import compare
+    """Paired comparison of B against A on one hold-out, cached in storage under
+    ``comparisons/`` so the workbench and the approval see the same numbers.
+
+    The default hold-out is the newest snapshot's, whichever snapshot either version was
+    trained on: the hold-out grows with the labels (``labels.build_training_snapshot``), and
+    every comparison is scored on the same, current one. The report names it (``snapshot_id``,
+    ``n``, ``power``)."""
+    from quarkflow_core.ml.compare import REPORT_FORMAT, compare
     from quarkflow_core.ml.evaluate import measure_latency, predict_proba
     from quarkflow_core.training import default_snapshot_id, load_holdout
 
@@ -435,11 +508,11 @@ def compare_versions(
         raise InvalidInput(
             f"v{a.version} and v{b.version} predict different class lists; they cannot be compared"
         )
-    snap_id = snapshot_id or b.snapshot_id or default_snapshot_id(session=session)
+    snap_id = snapshot_id or default_snapshot_id(session=session)
     key = _comparison_key(a, b, snap_id)
     try:
         cached = json.loads(storage.get(key))
-        if cached.get("alpha") == alpha:
+        if cached.get("alpha") == alpha and cached.get("report_format") == REPORT_FORMAT:
             return cached
     except ObjectNotFound:
         pass
@@ -451,6 +524,11 @@ def compare_versions(
 
     hold_a = holdout(la.preset)
     hold_b = hold_a if lb.preset == la.preset else holdout(lb.preset)
+    if list(hold_a.classes) != list(a.classes):
+        raise InvalidInput(
+            f"snapshot {snap_id} labels {list(hold_a.classes)}, but v{a.version} predicts "
+            f"{list(a.classes)}; compare on a snapshot with the models' classes"
+        )
 
     def meta(row: ModelVersion, loaded: Any) -> dict[str, Any]:
         return {
@@ -473,6 +551,7 @@ def compare_versions(
             "a": {"version": a.version, "sha256": a.sha256},
             "b": {"version": b.version, "sha256": b.sha256},
             "snapshot_id": snap_id,
+            "power": {**report["power"], "snapshot_id": snap_id},
             "holdout_image_sha256": list(hold_a.ids),  # disagreements index into this
             "meta_a": meta_a,
             "meta_b": meta_b,

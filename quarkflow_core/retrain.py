@@ -84,7 +84,8 @@ def train_step(
     out_root: str | Path,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Train + calibrate + evaluate on the fixed hold-out (+ k-fold); a fresh folder per try."""
+    """Train + calibrate + evaluate on the snapshot's hold-out (+ k-fold); a fresh folder per
+    try."""
     from quarkflow_core.training import headline, train_from_snapshot
 
     out = Path(out_root) / f"run-{uuid.uuid4().hex[:12]}"
@@ -213,7 +214,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "| | |",
         "|---|---|",
         f"| snapshot | #{snap.get('snapshot_id')}: {snap.get('train')} train, "
-        f"{snap.get('holdout')} fixed hold-out, sources {snap.get('sources')} |",
+        f"{snap.get('holdout')} hold-out ({snap.get('holdout_grown', 0)} grown from settled "
+        f"labels), sources {snap.get('sources')} |",
         f"| champion | v{cand.get('champion')} |",
         f"| hold-out accuracy (champion -> candidate) | {cand.get('accuracy_champion')} -> "
         f"{cand.get('accuracy_candidate')} |",

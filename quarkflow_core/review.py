@@ -5,11 +5,11 @@
   and tasks already in the project are matched by image hash first, so an item is never sent
   twice even after a crash between the two.
 * **pull / webhook**: annotations become ``annotations`` rows (source ``label_studio``,
-  idempotent on the annotation's id); then each touched image is **reconciled**:
-  annotators' majority W; if the annotators tie, or a person's feedback named a different
-  label than W, the item is ``disputed`` (and left out of training) until someone resolves it;
-  otherwise it is ``resolved`` with W, which becomes the image's training label.
-* **resolve / dismiss** by an analyst or ML lead (audited).
+  idempotent on the annotation's id); then each touched image is **settled**
+  (``queue.settle``): annotators' majority W; if the annotators tie, or a person's feedback
+  named a different label than W, the item is ``disputed`` (and left out of training) until
+  someone resolves it; otherwise it is ``resolved`` with W, the image's training label.
+* **resolve / dismiss** by an analyst or ML lead (audited, and final).
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.labeling import LabelStudio, Project, PulledAnnotation, TaskSpec
-from quarkflow_core.predictions import feedback_label
+from quarkflow_core.queue import settle
 from quarkflow_core.schema import (
     Annotation,
     AnnotationSource,
-    Feedback,
     Image,
     ModelVersion,
     Prediction,
@@ -164,40 +163,8 @@ def record_annotations(*, session: Session, pulled: list[PulledAnnotation]) -> d
 
 
 def reconcile(*, session: Session, image_id: int) -> ReviewState:
-    """Settle one image from its annotations and feedback (see the module docstring)."""
-    votes = Counter(
-        session.scalars(
-            select(Annotation.label).where(
-                Annotation.image_id == image_id, Annotation.source == AnnotationSource.LABEL_STUDIO
-            )
-        )
-    )
-    feedback_labels = {
-        label
-        for verdict, true_label, predicted in session.execute(
-            select(Feedback.verdict, Feedback.true_label, Prediction.label)
-            .join(Prediction, Prediction.id == Feedback.prediction_id)
-            .where(Prediction.image_id == image_id)
-        )
-        if (label := feedback_label(verdict, true_label, predicted))
-    }
-    item = session.scalar(select(ReviewItem).where(ReviewItem.image_id == image_id))
-    if item is None:
-        item = ReviewItem(image_id=image_id, reason=ReviewReason.SAMPLED, priority=0.0)
-        session.add(item)
-    if item.state == ReviewState.DISMISSED:
-        return item.state
-    ranked = votes.most_common()
-    tie = len(ranked) > 1 and ranked[0][1] == ranked[1][1]
-    winner = ranked[0][0] if ranked and not tie else None
-    if winner is None or (feedback_labels and feedback_labels != {winner}):
-        item.state = ReviewState.DISPUTED
-        item.resolved_label = None
-    else:
-        item.state = ReviewState.RESOLVED
-        item.resolved_label = winner
-    session.flush()
-    return item.state
+    """Settle one image from its annotations and feedback (``queue.settle``)."""
+    return settle(session, image_id=image_id)
 
 
 def sync(
@@ -232,6 +199,7 @@ def resolve_item(*, session: Session, item_id: int, label: str, user: User, clas
     if label not in classes:
         raise InvalidInput(f"unknown label {label!r}; valid labels: {', '.join(classes)}")
     item.state, item.resolved_label = ReviewState.RESOLVED, label
+    item.decided_by_id, item.note = user.id, f"resolved by {user.username}"
     record_audit(
         session=session,
         actor=user,
@@ -253,6 +221,7 @@ def dismiss_as_noise(*, session: Session, item_id: int, user: User):
         ReviewReason.LABEL_NOISE,
         None,
     )
+    item.decided_by_id, item.note = user.id, f"dismissed as label noise by {user.username}"
     record_audit(
         session=session,
         actor=user,

@@ -143,6 +143,7 @@ class ReviewState(enum.StrEnum):
     DISPUTED = "disputed"  # humans and/or model disagree; needs a decision
     RESOLVED = "resolved"
     DISMISSED = "dismissed"
+    CLOSED = "closed"  # the serving model became confident; no person needed (``note`` says why)
 
 
 class AnnotationSource(enum.StrEnum):
@@ -257,7 +258,8 @@ class Feedback(Base):
 
 
 class ReviewItem(Base):
-    """One per image (de-duplicated); re-opened when a new reason arrives."""
+    """One per image (de-duplicated). ``scored_*``: what the model that last scored the image
+    (normally the current champion) said, which sets ``priority``; see quarkflow_core.queue."""
 
     __tablename__ = "review_items"
     __table_args__ = (
@@ -275,6 +277,12 @@ class ReviewItem(Base):
     priority: Mapped[float] = mapped_column(Float, default=0.0)  # higher = sooner
     resolved_label: Mapped[str | None] = mapped_column(String(128))
     external_task_id: Mapped[str | None] = mapped_column(String(64))
+    scored_version: Mapped[int | None] = mapped_column(Integer)
+    scored_label: Mapped[str | None] = mapped_column(String(128))
+    scored_confidence: Mapped[float | None] = mapped_column(Float)
+    scored_topk: Mapped[list[Any] | None] = mapped_column()
+    note: Mapped[str | None] = mapped_column(String(256))  # why it was closed / settled
+    decided_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

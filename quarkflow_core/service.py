@@ -140,6 +140,9 @@ class PredictionService:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._tokens: dict[str, tuple[Principal, float]] = {}
+        self._rescore_lock = threading.Lock()
+        self._rescorer: threading.Thread | None = None
+        self.last_rescore: dict[str, int] | None = None
         self.metrics.outbox_depth.set_function(self.outbox.depth)
         self.metrics.dead_letters.set_function(self.outbox.dead_letters)
 
@@ -158,6 +161,8 @@ class PredictionService:
         if self._watcher is not None:
             self._watcher.join(timeout=10)
             self._watcher = None
+        if self._rescorer is not None:
+            self._rescorer.join(timeout=30)
         self.batcher.stop()
         self.flusher.stop()
         self.outbox.close()
@@ -171,6 +176,35 @@ class PredictionService:
     def _on_swap(self, predictor: Predictor) -> None:
         self.metrics.swaps.inc()
         self.metrics.model_version.set(predictor.version or 0)
+        if self.settings.review_rescore and predictor.version is not None:
+            self._rescorer = threading.Thread(
+                target=self.rescore_queue, args=(predictor,), name="qf-rescore", daemon=True
+            )
+            self._rescorer.start()
+
+    def rescore_queue(self, predictor: Predictor) -> dict[str, int] | None:
+        """Re-score the open review items with a newly served champion (one at a time; a
+        re-score for a model no longer served is skipped). Errors are logged, not raised: the
+        next swap or ``quarkflow review rescore`` catches up."""
+        from quarkflow_core.queue import rescore
+
+        with self._rescore_lock:
+            if self.holder.current is not predictor or self._stop.is_set():
+                return None
+            try:
+                with self.session() as s:
+                    counts = rescore(
+                        s,
+                        storage=self.storage,
+                        predictor=predictor,
+                        threshold=predictor.threshold(self.settings.review_threshold),
+                    )
+            except Exception as exc:
+                log.warning("re-scoring the queue with v%s failed: %s", predictor.version, exc)
+                return None
+            self.last_rescore = {"version": predictor.version, **counts}
+            log.info("review queue re-scored with v%s: %s", predictor.version, counts)
+            return counts
 
     def load_initial(self) -> None:
         """The champion from the database; with the database down, the model served last."""

@@ -25,7 +25,7 @@ from quarkflow_core.schema import (
     Image,
     Prediction,
     ReviewItem,
-    ReviewReason,
+    ReviewState,
 )
 
 pytestmark = pytest.mark.integration
@@ -111,28 +111,40 @@ def test_predict_feedback_review_round_trip(deployment):
         assert [p["label"] for p in batch.json()["predictions"]] == [_png(i)[1] for i in (1, 2, 3)]
         wait_until(lambda: _counts(dep)[1] == 4, what="four prediction rows")
         queue = client.get("/api/v1/review-queue", headers=dep.auth("analyst")).json()
-        assert queue["total"] == 4
-        first = queue["items"][0]
-        assert first["prediction_id"] == pid and first["reason"] == "user_disputed"
-        assert first["expert_label"] == "7"  # what the expert said, for the reviewer
-        assert [i["expert_label"] for i in queue["items"][1:]] == [None] * 3
-        assert first["priority"] >= 1 > queue["items"][1]["priority"]
+        # "wrong, it is 7" answered the first image: it left the queue, settled with 7
+        assert queue["total"] == 3 and pid not in {i["prediction_id"] for i in queue["items"]}
+        assert all(i["priority"] < 1 and i["state"] == "open" for i in queue["items"])
         detail = client.get(f"/api/v1/predictions/{pid}", headers=dep.auth("analyst")).json()
         assert detail["feedback"][0]["true_label"] == "7"
-        assert detail["review"] == {"state": "open", "reason": "user_disputed"}
+        assert detail["review"] == {"state": "resolved", "reason": "low_confidence"}
+        # a second answer that disagrees makes it disputed: back in the queue, first
+        fb = client.post(
+            f"/api/v1/predictions/{pid}/feedback",
+            json={"verdict": "wrong", "true_label": "1"},
+            headers=dep.auth("expert"),
+        )
+        assert fb.status_code == 201
+        wait_until(lambda: _counts(dep)[2] == 2, what="second feedback row")
+        queue = client.get("/api/v1/review-queue", headers=dep.auth("analyst")).json()
+        first = queue["items"][0]
+        assert queue["total"] == 4 and first["prediction_id"] == pid
+        assert first["state"] == "disputed" and first["expert_label"] == "1"
+        assert [i["expert_label"] for i in queue["items"][1:]] == [None] * 3
+        assert first["priority"] >= 1 > queue["items"][1]["priority"]
         metrics = client.get("/metrics").text
         assert 'qf_http_requests_total{method="POST",route="/api/v1/predictions",status="200"}' in (
             metrics
         )
         assert "qf_model_version 1.0" in metrics and "qf_outbox_depth 0.0" in metrics
     images, preds, feedback, reviews = _counts(dep)
-    assert (images, preds, feedback, reviews) == (4, 4, 1, 4)
+    assert (images, preds, feedback, reviews) == (4, 4, 2, 4)
     storage = dep.storage()
     engine = dep.engine()
     with Session(engine) as s:
         keys = s.scalars(select(Image.storage_key)).all()
         item = s.scalar(select(ReviewItem).where(ReviewItem.prediction_id == pid))
-        assert item.reason == ReviewReason.USER_DISPUTED
+        assert item.state == ReviewState.DISPUTED and item.resolved_label is None
+        assert item.note == "people disagree: 1, 7"
     engine.dispose()
     assert all(storage.exists(k) for k in keys)
     assert storage.get(keys[0])[:4] == b"\x89PNG"

@@ -71,15 +71,6 @@ def test_round_trip_agreement_and_disputes(tmp_path, trained_artifacts, studio):
         a, b, c = _queue(client, dep)
         classes = [str(d) for d in range(10)]
         other = next(x for x in classes if x not in (a["label"], a["truth"]))
-        # an expert says A is `other`; the annotators will say its true label -> dispute
-        r = client.post(
-            f"/api/v1/predictions/{a['id']}/feedback",
-            json={"verdict": "wrong", "true_label": other},
-            headers=dep.auth("expert"),
-        )
-        assert r.status_code == 201
-        wait_until(lambda: app_depth(client) == 0, what="feedback flushed")
-
         title = f"qf-test-{uuid.uuid4().hex[:8]}"
         project = studio.ensure_project(title, classes)
         assert studio.ensure_project(title, classes).id == project.id  # found, not duplicated
@@ -116,6 +107,17 @@ def test_round_trip_agreement_and_disputes(tmp_path, trained_artifacts, studio):
         forged = client.get(f"{link.path}?{link.query[:-4]}beef")
         assert forged.status_code == 403 and forged.json()["error"] == "bad_signature"
 
+        # while A is with the annotators, an expert says it is `other`: that settles A for now
+        # (one person, no disagreement yet) ...
+        r = client.post(
+            f"/api/v1/predictions/{a['id']}/feedback",
+            json={"verdict": "wrong", "true_label": other},
+            headers=dep.auth("expert"),
+        )
+        assert r.status_code == 201
+        wait_until(lambda: app_depth(client) == 0, what="feedback flushed")
+        assert _items(engine)[a["image_sha256"]].state == ReviewState.RESOLVED
+        # ... until the annotators say its true label: people disagree -> disputed
         # annotators: A <- its truth (disagrees with the expert); B <- truth twice (agree);
         # C <- two different labels (a tie)
         studio.annotate(tasks[a["image_sha256"]], a["truth"])

@@ -153,6 +153,9 @@ def test_temperature_scaling_recovers_a_known_temperature():
     logits = torch.randn(20_000, 5, generator=gen) * 4
     labels = torch.multinomial(torch.softmax(logits / 2.0, 1), 1, generator=gen).squeeze(1)
     assert fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.05)
+    # every validation image right (a small split): nothing to calibrate against, T stays 1
+    # (the fit would run off to T -> 0 and used to stop the training run)
+    assert fit_temperature(logits[:12], logits[:12].argmax(1)) == 1.0
 
 
 def test_review_threshold_for_target_accuracy():
