@@ -105,15 +105,18 @@ def summary_metrics(result: dict) -> None:
 
 def body() -> None:
     st.title("Loop simulator")
-    folders = [Path(wb.settings().data_dir) / "simulations", ROOT / "bench" / "results"]
-    results = load_results(folders)
-    if not results:
+    own = load_results([Path(wb.settings().data_dir) / "simulations"])
+    bench = load_results([ROOT / "bench" / "results"])
+    if not own:
         st.info(
-            "No simulation yet. Run one on your own labelled images (one sub-folder per class) "
-            "or on the demo digits; it uses a temporary workspace and leaves this deployment "
-            "alone:\n\n`quarkflow simulate-loop --folder path/to/labelled --rounds 5 "
-            "--per-round 50 --strategy random --strategy diverse --seeds 0,1,2`"
+            "No simulation of yours yet. Run one on your own labelled images (one sub-folder "
+            "per class) or on the demo digits; it uses a temporary workspace and leaves this "
+            "deployment alone:\n\n`quarkflow simulate-loop --folder path/to/labelled "
+            "--rounds 5 --per-round 50 --strategy random --strategy diverse --seeds 0,1,2`"
+            + ("\n\nBelow: the benchmark's run on the demo digits (`make bench`)." if bench else "")
         )
+    results = own + bench
+    if not results:
         return
     pick = st.selectbox(
         "Result",

@@ -158,7 +158,8 @@ def test_the_detectable_difference_shrinks_as_the_hold_out_grows():
 
 def _train(out, images, labels, *, epochs: int):
     """Train, calibrate on the validation carve-out and save, as ``train_from_snapshot`` does."""
-    from quarkflow_core.ml.artifacts import save_artifact
+    from conftest import save_smallcnn
+
     from quarkflow_core.ml.calibration import fit_temperature
     from quarkflow_core.ml.data import ImageSet
     from quarkflow_core.ml.engine import predict_logits
@@ -173,13 +174,9 @@ def _train(out, images, labels, *, epochs: int):
     temperature = fit_temperature(
         predict_logits(res.model, res.val.images, res.preset), res.val.labels
     )
-    save_artifact(
+    save_smallcnn(
+        res,
         out,
-        model=res.model,
-        architecture="smallcnn",
-        classes=res.classes,
-        in_channels=1,
-        preset=res.preset,
         temperature=temperature,
         metrics={"validation": {"accuracy": res.history[-1]["val_accuracy"]}},
     )

@@ -17,7 +17,16 @@ from quarkflow_core.config import get_settings
 from quarkflow_core.demo import demo_pngs
 
 pytestmark = pytest.mark.integration
-PAGES = ["overview", "predictions", "review", "datasets", "training", "compare", "promotions"]
+PAGES = [
+    "overview",
+    "predictions",
+    "review",
+    "datasets",
+    "training",
+    "compare",
+    "simulator",
+    "promotions",
+]
 VISIBLE = {
     "domain_expert": {"overview", "predictions", "promotions"},
     "analyst": set(PAGES),
@@ -140,6 +149,7 @@ EMPTY_HINTS = {
     "datasets": ["No dataset snapshot yet: run `quarkflow seed-demo`"],
     "training": ["No training run yet: ML leads start one with the form above"],
     "compare": ["a comparison needs two. To get another"],
+    "simulator": ["No simulation of yours yet", "quarkflow simulate-loop --folder"],
     "promotions": ["No champion yet", "No promotion yet"],
 }
 
