@@ -25,6 +25,7 @@ def accuracy_plot(result: dict) -> go.Figure:
                 x=list(df["answered"]) + list(df["answered"])[::-1],
                 y=list(df["max"]) + list(df["min"])[::-1],
                 fill="toself",
+                mode="lines",
                 fillcolor=color,
                 opacity=0.15,
                 line={"width": 0},
@@ -98,7 +99,7 @@ def summary_metrics(result: dict) -> None:
             + ("" if reach["mean"] is None else f"; range {reach['min']}-{reach['max']}"),
         )
         col.caption(
-            f"final accuracy {fmt.percent(final['mean'])} "
+            f"reached in {reach['reached']} seeds; final accuracy {fmt.percent(final['mean'])} "
             f"(range {fmt.percent(final['min'])}-{fmt.percent(final['max'])})"
         )
 

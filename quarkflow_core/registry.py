@@ -466,9 +466,9 @@ def evaluate_policy(report: dict[str, Any] | None, config: PolicyConfig) -> Poli
         f"({ece_delta:+.4f}, 95% bootstrap CI [{lo:+.4f}, {hi:+.4f}])"
     )
     if ece_delta <= margin:
-        why = f"calibration: {stats}, within the +{margin:.3f} margin"
+        why = f"{stats}, within the +{margin:.3f} margin"
     elif ok:
-        why = f"calibration: {stats}: beyond the +{margin:.3f} margin, but not significantly worse"
+        why = f"{stats}: beyond the +{margin:.3f} margin, but not significantly worse"
     else:
         why = f"calibration significantly worse: {stats}, beyond the +{margin:.3f} margin"
     checks.append({"name": "calibration", "passed": ok, "detail": why})
