@@ -165,7 +165,10 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
             raise gr.Error(exc.detail) from None
         if verdict == "correct":
             return "Thanks: recorded as correct."
-        return f"Thanks: recorded as wrong, the right label is **{label}**. It goes to review."
+        return (
+            f"Thanks: recorded as wrong, the right label is **{label}**. That settles the "
+            "image (it leaves the review queue unless someone disagrees)."
+        )
 
     def correct(pred_id: str | None, request: gr.Request) -> str:
         return record(pred_id, "correct", None, request)
