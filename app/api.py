@@ -14,13 +14,14 @@ from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quarkflow_core import __version__
 from quarkflow_core.config import Settings, get_settings
 from quarkflow_core.errors import (
     AuthenticationFailed,
+    InvalidInput,
     NotFound,
     PermissionDenied,
     QuarkflowError,
@@ -91,10 +92,21 @@ class BatchOut(BaseModel):
     predictions: list[PredictionOut]
 
 
+def _storable(value: str | None) -> str | None:
+    """Refuse at the edge what the database would refuse after the request was acknowledged:
+    NUL and other control characters (tabs and newlines are fine)."""
+    if value is not None and any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+        raise ValueError("must not contain NUL or other control characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+
+
 class FeedbackIn(BaseModel):
     verdict: str = Field(description="correct | wrong", examples=["wrong"])
-    true_label: str | None = Field(None, max_length=128, examples=["7"])
-    comment: str | None = Field(None, max_length=2000)
+    true_label: Text | None = Field(None, max_length=128, examples=["7"])
+    comment: Text | None = Field(None, max_length=2000)
 
 
 class FeedbackOut(BaseModel):
@@ -106,19 +118,19 @@ class FeedbackOut(BaseModel):
 
 
 class DecisionIn(BaseModel):
-    reason: str = Field(min_length=1, max_length=4000)
+    reason: Text = Field(min_length=1, max_length=4000)
     override: bool = False
 
 
 class RollbackIn(BaseModel):
-    reason: str = Field(min_length=1, max_length=4000)
-    to: str | None = Field(None, description="Version (3, v3); default: previous champion.")
+    reason: Text = Field(min_length=1, max_length=4000)
+    to: Text | None = Field(None, description="Version (3, v3); default: previous champion.")
 
 
 class UserIn(BaseModel):
-    username: str = Field(min_length=2, max_length=64)
+    username: Text = Field(min_length=2, max_length=64)
     role: str
-    password: str | None = Field(None, min_length=8, max_length=256)
+    password: Text | None = Field(None, min_length=8, max_length=256)
 
 
 class ErrorOut(BaseModel):
@@ -289,6 +301,23 @@ def create_app(
 
     Who = Annotated[Principal, Depends(principal)]
     ItemId = Annotated[int, FastApiPath(ge=1, le=2**31 - 1)]
+    PredictionId = Annotated[
+        str, FastApiPath(max_length=64, pattern="^[A-Za-z0-9-]+$", description="prediction id")
+    ]
+
+    ModelRef = Annotated[
+        str,
+        FastApiPath(max_length=64, pattern="^[A-Za-z0-9_.-]+$", description="3, v3 or an alias"),
+    ]
+
+    def request_id(request: Request) -> str | None:
+        """X-Request-Id as the database can store it (checked before anything is accepted)."""
+        rid = request.headers.get("x-request-id")
+        if rid is not None and (len(rid) > 64 or not rid.isprintable()):
+            raise InvalidInput(
+                "header X-Request-Id: at most 64 printable characters", code="invalid_header"
+            )
+        return rid
 
     def need(who: Principal, *roles: Role, action: str) -> None:
         if not who.has(*roles):
@@ -332,7 +361,7 @@ def create_app(
     )
     def predict(who: Who, request: Request, file: UploadFile = File(...)) -> dict:
         """Predict one image (multipart field `file`). Logged durably before the answer."""
-        rid = request.headers.get("x-request-id")
+        rid = request_id(request)
         return service.predict([read_upload(file)], principal=who, request_id=rid)[0]
 
     @app.post(
@@ -345,7 +374,7 @@ def create_app(
         return {"predictions": service.predict(uploads, principal=who, request_id=rid)}
 
     @app.get("/api/v1/predictions/{prediction_id}", tags=["predictions"], responses=ERRORS)
-    def get_prediction(prediction_id: str, who: Who) -> dict:
+    def get_prediction(prediction_id: PredictionId, who: Who) -> dict:
         """A prediction with its feedback and review state (`logged: false` while it is
         still in the outbox)."""
         return service.get_prediction(prediction_id)
@@ -357,7 +386,7 @@ def create_app(
         tags=["predictions"],
         responses=ERRORS,
     )
-    def feedback(prediction_id: str, body: FeedbackIn, who: Who) -> dict:
+    def feedback(prediction_id: PredictionId, body: FeedbackIn, who: Who) -> dict:
         """Say the prediction was correct, or wrong (optionally with the true label).
         Acknowledged only once durable."""
         return service.feedback(
@@ -389,7 +418,7 @@ def create_app(
         return {"total": total, "strategy": chosen, "items": items}
 
     class ResolveIn(BaseModel):
-        label: str = Field(min_length=1, max_length=128)
+        label: Text = Field(min_length=1, max_length=128)
 
     @app.post("/api/v1/review-queue/{item_id}/resolve", tags=["review"], responses=ERRORS)
     def resolve_review_item(item_id: ItemId, body: ResolveIn, who: Who) -> dict:
@@ -430,7 +459,7 @@ def create_app(
 
     @app.get("/api/v1/images/{sha256}", tags=["review"], responses=ERRORS)
     def get_image(
-        sha256: str,
+        sha256: Annotated[str, FastApiPath(max_length=64, pattern="^[0-9A-Fa-f]+$")],
         request: Request,
         expires: int | None = Query(None, ge=0, le=2**62),
         sig: str | None = Query(None, max_length=128),
@@ -535,7 +564,7 @@ def create_app(
             return {"events": [event_dict(session=s, event=e) for e in history(session=s)]}
 
     @app.get("/api/v1/models/{ref}", tags=["models"], responses=ERRORS)
-    def get_model(ref: str, who: Who) -> dict:
+    def get_model(ref: ModelRef, who: Who) -> dict:
         """One version (3, v3, champion, challenger) with its lineage."""
         from quarkflow_core.registry import get_version, lineage
 
@@ -544,7 +573,7 @@ def create_app(
             return {**version_dict(s, row, alias_tags(s)), "lineage": lineage(session=s, row=row)}
 
     @app.get("/api/v1/models/{ref}/proposal", tags=["models"], responses=ERRORS)
-    def proposal(ref: str, who: Who) -> dict:
+    def proposal(ref: ModelRef, who: Who) -> dict:
         """The policy's verdict on making this version champion, with the evidence."""
         from quarkflow_core.registry import PolicyConfig, propose
 
@@ -565,7 +594,7 @@ def create_app(
         return event_dict(session=s, event=event)
 
     @app.post("/api/v1/models/{ref}/approve", tags=["models"], responses=ERRORS)
-    def approve(ref: str, body: DecisionIn, who: Who) -> dict:
+    def approve(ref: ModelRef, body: DecisionIn, who: Who) -> dict:
         """Make this version champion (role ml_lead). Serving switches within seconds."""
         from quarkflow_core.registry import PolicyConfig
         from quarkflow_core.registry import approve as do_approve
@@ -584,7 +613,7 @@ def create_app(
             return decided(s, event)
 
     @app.post("/api/v1/models/{ref}/reject", tags=["models"], responses=ERRORS)
-    def reject(ref: str, body: DecisionIn, who: Who) -> dict:
+    def reject(ref: ModelRef, body: DecisionIn, who: Who) -> dict:
         """Decline a candidate (role ml_lead)."""
         from quarkflow_core.registry import reject as do_reject
 

@@ -188,6 +188,7 @@ _DECLARED = {
     "image/x-ms-bmp": "BMP",
     "image/tiff": "TIFF",
     "image/webp": "WEBP",
+    "image/x-png": "PNG",
 }
 _GENERIC = {"", "application/octet-stream", "binary/octet-stream"}
 _MARKUP = (b"<script", b"<html", b"<?php", b"<svg", b"<!doctype", b"<body", b"<iframe", b"<?xml")
@@ -218,9 +219,12 @@ def validate_upload(
     the bytes, and nothing may hide after the image (polyglots: an image that is also HTML,
     a script or an archive)."""
     declared = (content_type or "").split(";")[0].strip().lower()
-    if declared and declared not in _GENERIC and not declared.startswith("image/"):
+    if declared and declared not in _GENERIC and declared not in _DECLARED:
+        accepted = ", ".join(sorted(set(_DECLARED)))
+        what = "an image type this service reads" if declared.startswith("image/") else "an image"
         raise InvalidInput(
-            f"the upload is declared as {declared!r}, not as an image",
+            f"the upload is declared as {declared!r}, not as {what} (accepted: {accepted}, "
+            "or application/octet-stream)",
             code="unsupported_media_type",
         )
     info, image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)

@@ -52,7 +52,8 @@ from quarkflow_core.serving import (
 from quarkflow_core.storage import Storage, storage_from_url
 
 log = logging.getLogger("quarkflow.service")
-TOKEN_CACHE_S = 60.0
+TOKEN_CACHE_S = 60.0  # a token seen this recently still works while the database is down
+TOKEN_TOUCH_S = 60.0  # last_used_at is recorded at most this often per token
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class PredictionService:
         self.watch_error: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._tokens: dict[str, tuple[Principal, float]] = {}
+        self._tokens: dict[str, tuple[Principal, float, float]] = {}  # seen, touched
         self._rescore_lock = threading.Lock()
         self._rescorer: threading.Thread | None = None
         self.last_rescore: dict[str, int] | None = None
@@ -264,25 +265,40 @@ class PredictionService:
         secret = self.settings.secret_key.get_secret_value()
         key = hash_token(token, secret)
         cached = self._tokens.get(key)
-        if cached and time.monotonic() - cached[1] < TOKEN_CACHE_S:
-            return cached[0]
-        try:
+        try:  # every request asks the database: a revoked or expired token stops at once
             with self.session() as s:
-                begin_write(s)  # it records last_used_at
-                user = authenticate_token(session=s, token=token, secret=secret)
+                user = authenticate_token(session=s, token=token, secret=secret, touch=False)
                 principal = Principal(user.id, user.username, user.role)
-                s.commit()
         except AuthenticationFailed:
             self._tokens.pop(key, None)
             raise
         except (OperationalError, DatabaseUnavailable):
-            if cached:  # the database is down: a token seen recently still works
-                return cached[0]
+            if cached and time.monotonic() - cached[1] < TOKEN_CACHE_S:
+                return cached[0]  # the database is down: a token seen recently still works
             raise DatabaseUnavailable(
                 "the database is unreachable and this token has not been seen recently"
             ) from None
-        self._tokens[key] = (principal, time.monotonic())
+        now = time.monotonic()
+        if cached is None or now - cached[2] >= TOKEN_TOUCH_S:
+            touched = self._touch(key)
+        else:
+            touched = cached[2]
+        self._tokens[key] = (principal, now, touched if touched else now)
         return principal
+
+    def _touch(self, token_hash: str) -> float | None:
+        """Record last_used_at (at most once a minute per token; best effort: a busy or
+        unreachable database does not fail the request)."""
+        from quarkflow_core.users import touch_token
+
+        try:
+            with self.session() as s:
+                begin_write(s)
+                touch_token(session=s, token_hash=token_hash)
+                s.commit()
+            return time.monotonic()
+        except (OperationalError, DatabaseUnavailable):
+            return None
 
     def principal_for(self, username: str) -> Principal:
         """A signed-in UI user (Gradio / Streamlit) as a Principal."""
@@ -316,6 +332,8 @@ class PredictionService:
     ) -> list[dict[str, Any]]:
         """Validate every upload first (one bad file rejects the call, nothing is written),
         then predict them through the batcher and log each durably before returning."""
+        if request_id is not None and (len(request_id) > 64 or not request_id.isprintable()):
+            raise InvalidInput("request id: at most 64 printable characters", code="invalid_header")
         predictor = self.holder.current
         if predictor is None:
             raise NoModel(
@@ -435,6 +453,8 @@ class PredictionService:
             true_label = pred["label"]
         if comment is not None and len(comment) > 2000:
             raise InvalidInput("comment too long: at most 2000 characters")
+        if comment is not None and any(ord(c) < 32 and c not in "\t\n\r" for c in comment):
+            raise InvalidInput("comment: must not contain NUL or other control characters")
         fid = str(uuid.uuid4())
         payload = {
             "id": fid,

@@ -6,7 +6,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from quarkflow_core.database import begin_write
@@ -95,8 +95,10 @@ def create_token(
 
 
 def authenticate_token(
-    *, session: Session, token: str, secret: str, now: datetime | None = None
+    *, session: Session, token: str, secret: str, now: datetime | None = None, touch: bool = True
 ) -> User:
+    """The user of a valid token (not revoked, not expired, user active); ``touch`` records
+    ``last_used_at`` (a write: the API does it separately, at most once a minute)."""
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token, secret)))
     now = now or utcnow()
     if row is None or row.revoked_at is not None:
@@ -105,8 +107,17 @@ def authenticate_token(
         raise AuthenticationFailed("API token expired")
     if not row.user.is_active:
         raise AuthenticationFailed(f"user {row.user.username!r} is deactivated")
-    row.last_used_at = now
+    if touch:
+        row.last_used_at = now
     return row.user
+
+
+def touch_token(*, session: Session, token_hash: str, now: datetime | None = None) -> None:
+    """Record that a token was used (one UPDATE)."""
+    stamp = now or utcnow()
+    session.execute(
+        update(ApiToken).where(ApiToken.token_hash == token_hash).values(last_used_at=stamp)
+    )
 
 
 def revoke_token(*, session: Session, token_id: int) -> None:

@@ -26,6 +26,7 @@ from quarkflow_core.schema import (
     Prediction,
     ReviewItem,
     ReviewState,
+    User,
 )
 
 pytestmark = pytest.mark.integration
@@ -338,7 +339,7 @@ def _hostile() -> list[tuple[str, bytes, str, set[str]]]:
             "svg",
             b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"><script>x()</script></svg>',
             "image/svg+xml",
-            {"not_an_image", "unsupported_format"},
+            {"unsupported_media_type"},
         ),
         ("zip", _zip(), "application/zip", {"unsupported_media_type"}),
         (
@@ -379,7 +380,9 @@ def _hostile() -> list[tuple[str, bytes, str, set[str]]]:
         ("jpeg labelled png", jpeg, "image/png", {"content_type_mismatch"}),
         ("png labelled html", png, "text/html", {"unsupported_media_type"}),
         ("png labelled pdf", png, "application/pdf", {"unsupported_media_type"}),
-        ("ico", ico, "image/x-icon", {"unsupported_format"}),
+        ("png labelled svg", png, "image/svg+xml", {"unsupported_media_type"}),  # issue 16
+        ("ico", ico, "image/x-icon", {"unsupported_media_type"}),
+        ("ico, undeclared", ico, "application/octet-stream", {"unsupported_format"}),
         ("ppm", ppm, "application/octet-stream", {"unsupported_format"}),
         ("pcx", pcx, "application/octet-stream", {"unsupported_format", "not_an_image"}),
     ]
@@ -515,3 +518,86 @@ def test_review_threshold_is_the_serving_models_own_unless_set(deployment):
             )
             assert r.status_code == 200 and r.json()["review"] is expected
     assert replace(served, review_threshold=0.3).threshold(0.9) == 0.9  # the setting wins
+
+
+def test_what_the_database_would_refuse_is_refused_before_it_is_acknowledged(deployment):
+    """Issue 16: an over-long X-Request-Id, NUL bytes in text or in a path id were accepted
+    (2xx) and then refused by Postgres (dead letters, or a 500). Now each is a 4xx naming the
+    field, nothing is written, and a value at the limit lands."""
+    dep = deployment
+    app = create_app(dep.settings(), with_demo=False)
+    h = dep.auth("expert")
+    with TestClient(app) as client:
+        before = _counts(dep)
+        long_id = client.post(
+            "/api/v1/predictions",
+            files={"file": ("d.png", _png()[0], "image/png")},
+            headers={**h, "X-Request-Id": "r" * 65},
+        )
+        assert long_id.status_code == 400 and long_id.json()["error"] == "invalid_header"
+        assert "X-Request-Id" in long_id.json()["detail"]
+        ok = client.post(
+            "/api/v1/predictions",
+            files={"file": ("d.png", _png()[0], "image/png")},
+            headers={**h, "X-Request-Id": "r" * 64},
+        )
+        assert ok.status_code == 200
+        pid = ok.json()["id"]
+        nul_comment = client.post(
+            f"/api/v1/predictions/{pid}/feedback",
+            json={"verdict": "wrong", "true_label": "7", "comment": "bad\x00byte"},
+            headers=h,
+        )
+        assert nul_comment.status_code == 422 and "comment" in nul_comment.json()["detail"]
+        nul_label = client.post(
+            f"/api/v1/predictions/{pid}/feedback",
+            json={"verdict": "wrong", "true_label": "7\x00"},
+            headers=h,
+        )
+        assert nul_label.status_code == 422 and "true_label" in nul_label.json()["detail"]
+        for path in (
+            "/api/v1/predictions/abc%00def",
+            "/api/v1/predictions/abc%00def/feedback",
+            "/api/v1/models/v1%00",
+            "/api/v1/images/ab%00cd",
+        ):
+            method = client.post if path.endswith("feedback") else client.get
+            kwargs = {"json": {"verdict": "wrong"}} if path.endswith("feedback") else {}
+            r = method(path, headers=dep.auth("lead"), **kwargs)
+            assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+        reason = client.post(
+            "/api/v1/models/v1/approve", json={"reason": "ok\x00"}, headers=dep.auth("lead")
+        )
+        assert reason.status_code == 422 and "reason" in reason.json()["detail"]
+        wait_until(lambda: _counts(dep)[1] == before[1] + 1, what="the accepted prediction")
+        assert client.get("/readyz").json()["checks"]["outbox"]["depth"] == 0
+    engine = dep.engine()
+    with Session(engine) as s:
+        assert s.get(Prediction, pid).request_id == "r" * 64
+        assert s.scalar(select(func.count()).select_from(Feedback)) == before[2]
+    engine.dispose()
+
+
+def test_a_revoked_token_stops_working_at_once(deployment):
+    """Issue 16: the token cache accepted a revoked token for up to 60 s."""
+    from quarkflow_core.schema import ApiToken
+    from quarkflow_core.users import revoke_token
+
+    dep = deployment
+    app = create_app(dep.settings(), with_demo=False)
+    with TestClient(app) as client:
+        me = client.get("/api/v1/whoami", headers=dep.auth("analyst"))
+        assert me.status_code == 200
+        engine = dep.engine()
+        with Session(engine) as s:
+            token_id = s.scalar(
+                select(ApiToken.id)
+                .join(User, User.id == ApiToken.user_id)
+                .where(User.username == "analyst")
+            )
+            revoke_token(session=s, token_id=token_id)
+            s.commit()
+        engine.dispose()
+        gone = client.get("/api/v1/whoami", headers=dep.auth("analyst"))
+        assert gone.status_code == 401 and "revoked" in gone.json()["detail"]
+        assert client.get("/api/v1/whoami", headers=dep.auth("expert")).status_code == 200
