@@ -26,6 +26,7 @@ from quarkflow_core.errors import (
     PermissionDenied,
     QuarkflowError,
 )
+from quarkflow_core.database import begin_write
 from quarkflow_core.schema import Role, User
 from quarkflow_core.service import ANONYMOUS, PredictionService, Principal
 
@@ -426,6 +427,7 @@ def create_app(
         from quarkflow_core.review import project_classes, resolve_item
 
         with service.session() as s:
+            begin_write(s)  # SQLite: read-then-write takes the write lock first
             item = resolve_item(
                 session=s,
                 item_id=item_id,
@@ -442,6 +444,7 @@ def create_app(
         from quarkflow_core.review import dismiss_as_noise
 
         with service.session() as s:
+            begin_write(s)  # SQLite: read-then-write takes the write lock first
             item = dismiss_as_noise(session=s, item_id=item_id, user=db_user(s, who))
             s.commit()
             return {"id": item.id, "state": item.state.value, "reason": item.reason.value}
@@ -500,6 +503,7 @@ def create_app(
             raise AuthenticationFailed("missing or wrong X-Quarkflow-Webhook-Secret header")
         pulled = parse_webhook(payload)
         with service.session() as s:
+            begin_write(s)  # SQLite: read-then-write takes the write lock first
             result = record_annotations(session=s, pulled=pulled)
             s.commit()
         result["retrain"] = maybe_trigger_retrain()
@@ -662,6 +666,7 @@ def create_app(
         from quarkflow_core.users import record_audit, require_role
 
         with service.session() as s:
+            begin_write(s)  # SQLite: read-then-write takes the write lock first
             actor = db_user(s, who)
             require_role(session=s, user=actor, allowed={Role.ADMIN}, action="users.create")
             user = do_create(
