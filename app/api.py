@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quarkflow_core import __version__
 from quarkflow_core.config import Settings, get_settings
+from quarkflow_core.database import begin_write
 from quarkflow_core.errors import (
     AuthenticationFailed,
     InvalidInput,
@@ -26,7 +27,6 @@ from quarkflow_core.errors import (
     PermissionDenied,
     QuarkflowError,
 )
-from quarkflow_core.database import begin_write
 from quarkflow_core.schema import Role, User
 from quarkflow_core.service import ANONYMOUS, PredictionService, Principal
 
