@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import MemberSpec, create_snapshot
 from quarkflow_core.errors import InvalidInput, NotFound
-from quarkflow_core.predictions import feedback_label
+from quarkflow_core.queue import feedback_label
 from quarkflow_core.schema import (
     Annotation,
     AnnotationSource,

@@ -32,7 +32,6 @@ from quarkflow_core.storage import Storage
 
 PREDICTION, FEEDBACK = "prediction", "feedback"
 OPEN_STATES = queue.QUEUE_STATES
-feedback_label = queue.feedback_label  # re-exported: labels and review use it from here
 
 
 def prediction_record(

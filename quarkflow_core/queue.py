@@ -47,7 +47,6 @@ QUEUE_STATES = (ReviewState.OPEN, ReviewState.SENT, ReviewState.DISPUTED)  # wor
 UNANSWERED = (ReviewReason.LOW_CONFIDENCE, ReviewReason.SAMPLED)  # no person has spoken
 RESCORED_STATES = (ReviewState.OPEN, ReviewState.SENT, ReviewState.CLOSED)
 STRATEGIES = ("uncertainty", "diverse")
-DEFAULT_STRATEGY = "diverse"
 DIVERSE_POOL = 250  # the diverse strategy picks from this many of the most uncertain items
 
 

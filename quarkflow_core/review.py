@@ -125,7 +125,7 @@ def push_review_items(
 
 
 def record_annotations(*, session: Session, pulled: list[PulledAnnotation]) -> dict[str, Any]:
-    """Store annotations (idempotent) and reconcile every image they touch."""
+    """Store annotations (idempotent) and settle every image they touch (queue.settle)."""
     created = updated = unknown = 0
     touched: set[int] = set()
     for p in pulled:
@@ -158,13 +158,8 @@ def record_annotations(*, session: Session, pulled: list[PulledAnnotation]) -> d
             continue
         touched.add(image.id)
     session.flush()
-    states = Counter(reconcile(session=session, image_id=i).value for i in sorted(touched))
+    states = Counter(settle(session, image_id=i).value for i in sorted(touched))
     return {"created": created, "updated": updated, "unknown_images": unknown, **states}
-
-
-def reconcile(*, session: Session, image_id: int) -> ReviewState:
-    """Settle one image from its annotations and feedback (``queue.settle``)."""
-    return settle(session, image_id=image_id)
 
 
 def sync(

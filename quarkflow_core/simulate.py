@@ -37,8 +37,9 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from quarkflow_core.errors import InvalidInput, QuarkflowError
+from quarkflow_core.queue import STRATEGIES
 
-SIM_STRATEGIES = ("random", "uncertainty", "diverse")
+SIM_STRATEGIES = ("random", *STRATEGIES)  # random: any unanswered image
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
