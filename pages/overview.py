@@ -41,6 +41,23 @@ def request_outcomes() -> None:
             "start it with `quarkflow serve` or point QF_API_URL at it."
         )
     else:
+        box = api["outbox"]
+        dead = int(box.get("dead_letters", 0))
+        if dead:
+            st.error(
+                f"{dead:,} acknowledged record(s) in the API's dead letters: the database kept "
+                "refusing them. Inspect with `quarkflow outbox list`; after fixing the cause, "
+                "`quarkflow outbox replay` (or `quarkflow outbox discard ID --reason ...`).",
+                icon=":material/report:",
+            )
+        if box.get("outage"):
+            st.warning(
+                f"The API cannot write to the database or storage: "
+                f"{int(box.get('depth', 0)):,} acknowledged record(s) are waiting safely in its "
+                f"outbox (oldest {fmt.seconds(box.get('oldest_s') or 0)} old); they flush by "
+                "themselves once it is back.",
+                icon=":material/cloud_off:",
+            )
         st.caption(
             f"API requests since it started: {api['success']:,} succeeded, "
             f"{api['client_error']:,} refused (4xx: bad uploads, auth), "

@@ -36,6 +36,11 @@ models_app = typer.Typer(
 app.add_typer(models_app, name="models")
 review_app = typer.Typer(help="The review queue: what is next, re-scoring.", no_args_is_help=True)
 app.add_typer(review_app, name="review")
+outbox_app = typer.Typer(
+    help="The API's outbox: what was acknowledged but not yet written; its dead letters.",
+    no_args_is_help=True,
+)
+app.add_typer(outbox_app, name="outbox")
 
 # Piped output (logs, CI, tests) gets room for the wide tables instead of rich's 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -72,22 +77,63 @@ def _progress(out: Console | None = None) -> Progress:
 # --------------------------------------------------------------------------- db
 
 
+def _owner_url() -> tuple[str, str]:
+    """The table owner's URL for migrations and grants, and the variable it came from."""
+    settings = _settings()
+    if settings.migration_database_url:
+        return settings.migration_database_url, "QF_MIGRATION_DATABASE_URL"
+    return settings.database_url, "QF_DATABASE_URL"
+
+
+def _grant_app_role(role: str) -> None:
+    from quarkflow_core.database import check_database, get_engine, grant_app_role
+
+    url, setting = _owner_url()
+    engine = get_engine(url)
+    check_database(engine, require_migrated=False, setting=setting)
+    granted = grant_app_role(engine, role)
+    narrow = sorted(t for t, privileges in granted.items() if "UPDATE" not in privileges)
+    console.print(
+        f"[green]role {role}: read/write on {len(granted) - len(narrow)} tables, "
+        f"no UPDATE/DELETE/TRUNCATE on {', '.join(narrow)}[/green]"
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Option("head", help="Target revision.")) -> None:
-    """Apply migrations up to REVISION (default: head)."""
+    """Apply migrations up to REVISION (default: head) as the table owner
+    (QF_MIGRATION_DATABASE_URL, else QF_DATABASE_URL), then grant QF_DATABASE_APP_ROLE its
+    privileges when it is set."""
     from quarkflow_core import migrations
     from quarkflow_core.database import check_database, get_engine
 
-    url = _settings().database_url
-    check_database(get_engine(url), require_migrated=False)
+    url, setting = _owner_url()
+    check_database(get_engine(url), require_migrated=False, setting=setting)
     migrations.upgrade(url, revision)
     console.print(f"[green]database at revision {migrations.head_revision()}[/green]")
+    if _settings().database_app_role:
+        _grant_app_role(_settings().database_app_role)
+
+
+@db_app.command("grant-app-role")
+def db_grant_app_role(
+    role: str | None = typer.Argument(None, help="Postgres role (default QF_DATABASE_APP_ROLE)."),
+) -> None:
+    """Grant ROLE what the API and workers need, and no more: no UPDATE/DELETE/TRUNCATE of
+    the history, no schema changes. Runs as the table owner; safe to repeat."""
+    role = role or _settings().database_app_role
+    if not role:
+        from quarkflow_core.errors import ConfigError
+
+        raise ConfigError("name a ROLE or set QF_DATABASE_APP_ROLE")
+    _grant_app_role(role)
 
 
 @app.command("init")
 def init() -> None:
-    """Prepare a deployment, safe to repeat: apply migrations, create the storage bucket when
-    it is missing, and check both (compose's `migrate` service, the Kubernetes migrate Job)."""
+    """Prepare a deployment, safe to repeat: apply migrations (then grant QF_DATABASE_APP_ROLE
+    when set), create the storage bucket when it is missing, and check both (compose's
+    `migrate` service, the Kubernetes migrate Job)."""
     from quarkflow_core.storage import get_storage
 
     db_upgrade(revision="head")
@@ -97,10 +143,10 @@ def init() -> None:
 
 @db_app.command("downgrade")
 def db_downgrade(revision: str = typer.Option(..., help="Target revision, e.g. base.")) -> None:
-    """Revert migrations down to REVISION."""
+    """Revert migrations down to REVISION, as the table owner (like `db upgrade`)."""
     from quarkflow_core import migrations
 
-    migrations.downgrade(_settings().database_url, revision)
+    migrations.downgrade(_owner_url()[0], revision)
     console.print(f"[yellow]database downgraded to {revision}[/yellow]")
 
 
@@ -110,7 +156,8 @@ def db_current() -> None:
     from quarkflow_core import migrations
     from quarkflow_core.database import check_database, get_engine
 
-    rev = check_database(get_engine(_settings().database_url), require_migrated=False)
+    url, setting = _owner_url()
+    rev = check_database(get_engine(url), require_migrated=False, setting=setting)
     head = migrations.head_revision()
     state = "up to date" if rev == head else "needs `quarkflow db upgrade`"
     console.print(f"database: {rev or '(empty)'}  code head: {head}  -> {state}")
@@ -1025,6 +1072,107 @@ def review_rescore_cmd() -> None:
         f"v{predictor.version}: {counts['rescored']} items re-scored, {counts['closed']} closed "
         f"(now confident), {counts['reopened']} re-opened, {counts['unreadable']} unreadable"
     )
+
+
+# --------------------------------------------------------------------------- outbox
+
+
+def _outbox():
+    from quarkflow_core.outbox import Outbox, outbox_path
+
+    path = outbox_path(_settings().data_dir)
+    if not path.exists():
+        raise typer.BadParameter(
+            f"no outbox at {path}: the API (`quarkflow serve`) has not run with this QF_DATA_DIR"
+        )
+    return Outbox(path)
+
+
+@outbox_app.command("list")
+def outbox_list_cmd(
+    limit: int = typer.Option(100, min=1, help="How many dead letters to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The backlog, and the dead letters: records the database kept refusing."""
+    import json
+    from datetime import UTC, datetime
+
+    box = _outbox()
+    try:
+        backlog, letters = box.backlog(), box.dead(limit=limit)
+    finally:
+        box.close()
+    if as_json:
+        rows = [{**vars(d), "payload": d.payload} for d in letters]
+        print(json.dumps({"backlog": backlog, "dead_letters": rows}, default=str))
+        return
+    age = "" if backlog["oldest_s"] is None else f", oldest {backlog['oldest_s']:.0f}s old"
+    console.print(
+        f"outbox: {backlog['depth']:,} waiting{age} ({backlog['retrying']:,} after a record "
+        f"fault); dead letters: {backlog['dead_letters']:,}"
+    )
+    if not letters:
+        return
+    table = Table(title=f"dead letters (first {len(letters)})")
+    for col in ("id", "kind", "key", "tries", "failed at", "error"):
+        table.add_column(col, overflow="fold")
+    for d in letters:
+        table.add_row(
+            str(d.id),
+            d.kind,
+            d.key,
+            str(d.attempts or ""),
+            datetime.fromtimestamp(d.failed_at, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            (d.error or "")[:160],
+        )
+    console.print(table)
+    console.print(
+        "fix the cause, then `quarkflow outbox replay`; or `quarkflow outbox discard ID... "
+        "--reason ...`"
+    )
+
+
+@outbox_app.command("replay")
+def outbox_replay_cmd(
+    ids: list[int] | None = typer.Argument(None, help="Dead-letter ids (default: all)."),
+    user: str | None = USER_OPT,
+) -> None:
+    """Send dead letters back to the flusher (after fixing what refused them); audited."""
+    from quarkflow_core.outbox import replay_dead_letters
+
+    box = _outbox()
+    try:
+        with _session() as session:
+            moved = replay_dead_letters(
+                session=session, outbox=box, user=_acting_user(session, user), ids=ids or None
+            )
+    finally:
+        box.close()
+    console.print(f"{len(moved)} dead letter(s) back in the outbox; the API flushes them next")
+
+
+@outbox_app.command("discard")
+def outbox_discard_cmd(
+    ids: list[int] = typer.Argument(..., help="Dead-letter ids (see `quarkflow outbox list`)."),
+    reason: str = typer.Option(..., "--reason", help="Why; kept for ever in the audit log."),
+    user: str | None = USER_OPT,
+) -> None:
+    """Give up on dead letters for good; audited, and a copy kept in the outbox file."""
+    from quarkflow_core.outbox import discard_dead_letters
+
+    box = _outbox()
+    try:
+        with _session() as session:
+            gone = discard_dead_letters(
+                session=session,
+                outbox=box,
+                user=_acting_user(session, user),
+                ids=ids,
+                reason=reason,
+            )
+    finally:
+        box.close()
+    console.print(f"{len(gone)} dead letter(s) discarded: {reason}")
 
 
 @app.command("simulate-loop")

@@ -30,6 +30,16 @@ class Settings(BaseSettings):
         "sqlite:///.quarkflow/quarkflow.db",
         description="SQLAlchemy URL: sqlite:///path or postgresql://user:pw@host/db",
     )
+    migration_database_url: str | None = Field(
+        None,
+        description="URL of the role that owns the tables, for `quarkflow db ...` and "
+        "`quarkflow init` (migrations, grants); unset = QF_DATABASE_URL.",
+    )
+    database_app_role: str | None = Field(
+        None,
+        description="Postgres role the API and workers connect as (not the table owner); "
+        "`quarkflow db upgrade` / `init` grant it its privileges after migrating.",
+    )
     storage_url: str = Field(
         "file://.quarkflow/store", description="file://folder or gs://bucket/prefix"
     )
@@ -84,6 +94,29 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted image.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted width x height.")
     max_batch_files: int = Field(32, ge=1, description="Images per batch request.")
+    max_request_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="Pixels (width x height, summed over the images) one prediction request "
+        "may carry, read from the headers before anything is decoded (413 too_many_pixels).",
+    )
+    max_decoding_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Pixels this process decodes at once, over all requests; decoding costs "
+        "at most ~9 bytes a pixel (RGBA), so the default bounds it near 450 MB. An image "
+        "waits for room (first come, first served), then 503 busy; one larger than this "
+        "decodes alone.",
+    )
+    decode_wait_s: float = Field(
+        10.0, gt=0.0, description="Longest wait for decoding room before a 503 busy."
+    )
+    max_json_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest request body of the JSON routes under /api (upload routes allow "
+        "their files: QF_MAX_UPLOAD_BYTES each, QF_MAX_BATCH_FILES in a batch).",
+    )
     anonymous_demo: bool | None = Field(
         None,
         description="Allow unauthenticated predictions and feedback; unset = only when the "
@@ -118,9 +151,11 @@ class Settings(BaseSettings):
         0.02, ge=0.0, le=1.0, description="Promotion: largest allowed calibration (ECE) increase."
     )
 
-    @field_validator("database_url")
+    @field_validator("database_url", "migration_database_url")
     @classmethod
-    def _check_database_url(cls, value: str) -> str:
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:  # QF_MIGRATION_DATABASE_URL unset: QF_DATABASE_URL is used
+            return None
         scheme = urlsplit(value).scheme
         if scheme not in DB_SCHEMES:
             raise ValueError(

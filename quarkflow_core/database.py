@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from quarkflow_core.errors import DatabaseUnavailable
+from quarkflow_core.errors import ConfigError, DatabaseUnavailable
 
 
 def _redact(url: str) -> str:
@@ -27,7 +27,7 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None  # let SQLAlchemy emit BEGIN itself
         cur = dbapi_connection.cursor()
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
@@ -79,8 +79,11 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         session.close()
 
 
-def check_database(engine: Engine, *, require_migrated: bool = True) -> str:
-    """Connect once; raise DatabaseUnavailable with one clear line naming QF_DATABASE_URL.
+def check_database(
+    engine: Engine, *, require_migrated: bool = True, setting: str = "QF_DATABASE_URL"
+) -> str:
+    """Connect once; raise DatabaseUnavailable with one clear line naming ``setting`` (the
+    variable the URL came from).
 
     Returns the current Alembic revision (or '' when none).
     """
@@ -94,10 +97,10 @@ def check_database(engine: Engine, *, require_migrated: bool = True) -> str:
                 rev = None
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise DatabaseUnavailable(f"QF_DATABASE_URL: cannot connect to {where}: {reason}") from None
+        raise DatabaseUnavailable(f"{setting}: cannot connect to {where}: {reason}") from None
     if require_migrated and not rev:
         raise DatabaseUnavailable(
-            f"QF_DATABASE_URL: {where} has no Quarkflow schema; run `quarkflow db upgrade`"
+            f"{setting}: {where} has no Quarkflow schema; run `quarkflow db upgrade`"
         )
     return rev or ""
 
@@ -110,3 +113,97 @@ def begin_write(session: Session) -> None:
     no-op UPDATE, which waits on busy_timeout instead) avoids that. Postgres needs nothing."""
     if session.get_bind().dialect.name == "sqlite":
         session.execute(text("UPDATE alembic_version SET version_num = version_num WHERE 1 = 0"))
+
+
+# --------------------------------------------------------------------------- the app's role
+
+# History is kept for ever: rows of these tables are never changed or removed (triggers in
+# db/versions 0001 and 0003; the ORM guard in quarkflow_core.schema).
+APPEND_ONLY_TABLES = ("promotion_events", "audit_log", "model_versions")
+READ_ONLY_TABLES = ("alembic_version",)  # the schema's revision: written by migrations only
+APP_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+APPEND_ONLY_PRIVILEGES = ("SELECT", "INSERT")
+
+
+def app_privileges(table: str) -> tuple[str, ...]:
+    """What the application's role may do to ``table``."""
+    if table in READ_ONLY_TABLES:
+        return ("SELECT",)
+    if table in APPEND_ONLY_TABLES:
+        return APPEND_ONLY_PRIVILEGES
+    return APP_PRIVILEGES
+
+
+def grant_app_role(engine: Engine, role: str, *, schema: str = "public") -> dict[str, list[str]]:
+    """Give the Postgres role the API and workers connect as exactly what they need, as the
+    owner of the tables (the migration role). Safe to repeat; run after every migration.
+
+    - USAGE on ``schema``;
+    - every table: SELECT, INSERT, UPDATE, DELETE, except the append-only history
+      (SELECT, INSERT) and ``alembic_version`` (SELECT); whatever else it had is revoked;
+    - USAGE, SELECT on the sequences (ids);
+    - default privileges, so tables and sequences the owner creates later get the same base
+      grants (the next run of this function narrows the append-only ones).
+
+    The role must exist and must not be the owner (or a member of it), a superuser or able to
+    create roles (on Postgres 15 that lets it join the owner): an owner can disable the
+    triggers and drop the tables. No TRUNCATE, REFERENCES or TRIGGER privilege is granted.
+    Returns {table: privileges}."""
+    if engine.dialect.name != "postgresql":
+        raise ConfigError(
+            "QF_DATABASE_APP_ROLE: database roles need Postgres; the SQLite database has none"
+        )
+    if not role:
+        raise ConfigError("QF_DATABASE_APP_ROLE: no role given")
+    quote = engine.dialect.identifier_preparer.quote
+    who, where = quote(role), quote(schema)
+    granted: dict[str, list[str]] = {}
+    with engine.begin() as conn:
+        found = conn.execute(
+            text("SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = :r"), {"r": role}
+        ).first()
+        if found is None:
+            raise ConfigError(
+                f"QF_DATABASE_APP_ROLE: Postgres role {role!r} does not exist; create it first "
+                f"(as an administrator): CREATE ROLE {who} LOGIN PASSWORD '...'"
+            )
+        tables = conn.execute(
+            text(
+                "SELECT tablename, tableowner, pg_has_role(:r, tableowner, 'MEMBER') "
+                "FROM pg_tables WHERE schemaname = :s ORDER BY tablename"
+            ),
+            {"r": role, "s": schema},
+        ).all()
+        owners = sorted({owner for _, owner, member in tables if member})
+        why = None
+        if found.rolsuper:
+            why = "a superuser"
+        elif owners:
+            why = f"the owner of the tables ({owners[0]}) or a member of it"
+        elif found.rolcreaterole:
+            why = "allowed to create roles (CREATEROLE: it can make itself a member of the owner)"
+        if why:
+            raise ConfigError(
+                f"QF_DATABASE_APP_ROLE: {role!r} is {why}, so it could disable the "
+                "append-only triggers or drop the history; the API and workers need a role "
+                "that does not own the tables"
+            )
+        conn.execute(text(f"GRANT USAGE ON SCHEMA {where} TO {who}"))
+        for table, _, _ in tables:
+            privileges = app_privileges(table)
+            name = f"{where}.{quote(table)}"
+            conn.execute(text(f"REVOKE ALL ON TABLE {name} FROM {who}"))
+            conn.execute(text(f"GRANT {', '.join(privileges)} ON TABLE {name} TO {who}"))
+            granted[table] = list(privileges)
+        conn.execute(text(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {where} TO {who}"))
+        base = ", ".join(APP_PRIVILEGES)
+        conn.execute(
+            text(f"ALTER DEFAULT PRIVILEGES IN SCHEMA {where} GRANT {base} ON TABLES TO {who}")
+        )
+        conn.execute(
+            text(
+                f"ALTER DEFAULT PRIVILEGES IN SCHEMA {where} "
+                f"GRANT USAGE, SELECT ON SEQUENCES TO {who}"
+            )
+        )
+    return granted

@@ -75,14 +75,17 @@ def parse_verdict(value: str) -> Verdict:
     return parse_enum(Verdict, value, "verdict")
 
 
-def _apply_prediction(session: Session, storage: Storage, record: Record) -> None:
+def _apply_prediction(
+    session: Session, storage: Storage, record: Record, *, blobs_stored: bool
+) -> None:
     p = record.payload
     if session.get(Prediction, p["id"]) is not None:
         return
     info = ImageInfo(**p["image"])
     image = get_image_by_sha(session=session, sha256=info.sha256)
     if image is None:
-        store_blob(storage, record.blob or b"", info)
+        if not blobs_stored:
+            store_blob(storage, record.blob or b"", info)
         image = image_row(info, source=p.get("source", "api"))
         session.add(image)
         session.flush()
@@ -142,11 +145,27 @@ def _apply_feedback(session: Session, record: Record) -> None:
     queue.settle(session, image_id=pred.image_id, prediction_id=pred.id)
 
 
-def apply_records(session: Session, storage: Storage, records: list[Record]) -> None:
-    """Write outbox records (blobs first, then rows) in the caller's transaction."""
+def store_blobs(storage: Storage, records: list[Record]) -> int:
+    """Write the image of every prediction record at its content address (create-only, so a
+    repeat changes nothing, and an object lost from storage is written again). The flusher calls
+    this *before* it takes the database's write lock, so slow object storage never holds that
+    lock. Returns how many objects were newly written."""
+    infos = {}
+    for record in records:
+        if record.kind == PREDICTION and record.blob is not None:
+            info = ImageInfo(**record.payload["image"])
+            infos.setdefault(info.sha256, (info, record.blob))
+    return sum(store_blob(storage, blob, info) for info, blob in infos.values())
+
+
+def apply_records(
+    session: Session, storage: Storage, records: list[Record], *, blobs_stored: bool = False
+) -> None:
+    """Write outbox records in the caller's transaction: each image first (unless the caller
+    did it already with ``store_blobs``), then the rows."""
     for record in records:
         if record.kind == PREDICTION:
-            _apply_prediction(session, storage, record)
+            _apply_prediction(session, storage, record, blobs_stored=blobs_stored)
         elif record.kind == FEEDBACK:
             _apply_feedback(session, record)
         else:

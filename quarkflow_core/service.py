@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    StatementError,
+)
 from sqlalchemy.orm import Session
 
 from quarkflow_core.config import Settings
@@ -24,11 +30,10 @@ from quarkflow_core.errors import (
     DatabaseUnavailable,
     InvalidInput,
     NotFound,
-    ObjectNotFound,
     StorageError,
 )
-from quarkflow_core.images import validate_upload
-from quarkflow_core.outbox import Flusher, Outbox, Record
+from quarkflow_core.images import DecodeBudget, give_large_frees_back, prepare_uploads
+from quarkflow_core.outbox import Flusher, Outbox, Record, outbox_path
 from quarkflow_core.predictions import (
     FEEDBACK,
     PREDICTION,
@@ -38,6 +43,7 @@ from quarkflow_core.predictions import (
     prediction_dict,
     prediction_record,
     public_view,
+    store_blobs,
 )
 from quarkflow_core.schema import Role, Verdict
 from quarkflow_core.serving import (
@@ -71,13 +77,35 @@ class Principal:
 ANONYMOUS = Principal(None, "anonymous", Role.DOMAIN_EXPERT)
 
 
+# What only a record itself can cause: the database refuses its values (DataError), it clashes
+# with a row (IntegrityError: e.g. another server stored the same image a moment ago, which a
+# retry resolves), it names a prediction that does not exist, or it cannot be parsed.
+RECORD_FAULTS = (
+    InvalidInput,
+    NotFound,
+    DataError,
+    IntegrityError,
+    KeyError,
+    TypeError,
+    ValueError,
+)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """An outage (retry later) rather than a bad record."""
-    if isinstance(exc, OperationalError | DatabaseUnavailable | TimeoutError | ConnectionError):
+    """An outage (retry the batch for as long as it takes) rather than a record fault.
+
+    Anything not known to be the record's fault counts as an outage: an unreachable database or
+    storage, a missing bucket, a permission problem. Keeping records and retrying is safe (the
+    writers are idempotent); moving a good record aside is not."""
+    if isinstance(exc, StorageError):  # network, missing bucket, permissions: all outages
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, StorageError) and not isinstance(exc, ObjectNotFound)
+    if isinstance(exc, OperationalError):  # includes "database is locked"
+        return True
+    if isinstance(exc, StatementError) and isinstance(exc.orig, RECORD_FAULTS):
+        return False  # e.g. the driver refused a value before sending it
+    return not isinstance(exc, RECORD_FAULTS)
 
 
 class Metrics:
@@ -102,7 +130,19 @@ class Metrics:
         )
         self.model_version = Gauge("qf_model_version", "Served model version", registry=r)
         self.outbox_depth = Gauge("qf_outbox_depth", "Records waiting in the outbox", registry=r)
-        self.dead_letters = Gauge("qf_outbox_dead_letters", "Records that kept failing", registry=r)
+        self.dead_letters = Gauge(
+            "qf_outbox_dead_letters",
+            "Records the database kept refusing (see `quarkflow outbox list`)",
+            registry=r,
+        )
+        self.outbox_oldest = Gauge(
+            "qf_outbox_oldest_seconds", "Age of the oldest record not yet written", registry=r
+        )
+        self.outbox_outage = Gauge(
+            "qf_outbox_outage",
+            "1 while the flusher cannot reach the database or storage",
+            registry=r,
+        )
         self.predictions = Counter("qf_predictions", "Images predicted", registry=r)
         self.reviews = Counter("qf_review_enqueued", "Predictions sent to review", registry=r)
         self.swaps = Counter("qf_model_swaps", "Model hot swaps", registry=r)
@@ -132,8 +172,12 @@ class PredictionService:
             max_wait_ms=settings.serving_max_wait_ms,
             on_batch=self.metrics.batch_size.observe,
         )
+        self.decode_budget = DecodeBudget(
+            settings.max_decoding_pixels, wait_s=settings.decode_wait_s
+        )
+        give_large_frees_back()  # decoded frames' memory returns to the system once freed
         serving_dir = Path(settings.data_dir) / "serving"
-        self.outbox = Outbox(serving_dir / "outbox.db")
+        self.outbox = Outbox(outbox_path(settings.data_dir))
         self.flusher = Flusher(self.outbox, self._apply, is_transient=is_transient)
         self.pointer = serving_dir / "current.json"
         self.cache_root = Path(settings.data_dir) / "model-cache"
@@ -146,6 +190,8 @@ class PredictionService:
         self.last_rescore: dict[str, int] | None = None
         self.metrics.outbox_depth.set_function(self.outbox.depth)
         self.metrics.dead_letters.set_function(self.outbox.dead_letters)
+        self.metrics.outbox_oldest.set_function(lambda: self.outbox.backlog()["oldest_s"] or 0.0)
+        self.metrics.outbox_outage.set_function(lambda: float(self.flusher.last_error is not None))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -349,25 +395,18 @@ class PredictionService:
                 code="too_many_files",
             )
         started = time.perf_counter()
-        infos = []
-        for i, (data, content_type) in enumerate(uploads):
-            try:
-                infos.append(
-                    validate_upload(
-                        data,
-                        content_type=content_type,
-                        max_bytes=self.settings.max_upload_bytes,
-                        max_pixels=self.settings.max_image_pixels,
-                    )
-                )
-            except InvalidInput as exc:
-                self.metrics.rejected.labels(exc.code).inc()
-                if len(uploads) > 1:
-                    exc.detail = f"image {i + 1} of {len(uploads)}: {exc.detail}"
-                raise
-        futures = [
-            self.batcher.submit(predictor.preprocess_image(image), predictor) for _, image in infos
-        ]
+        # (info, model input) per image: decoded one at a time under the process's budget,
+        # each full-size frame freed as soon as its small input array exists
+        infos = prepare_uploads(
+            uploads,
+            convert=predictor.preprocess_image,
+            budget=self.decode_budget,
+            max_bytes=self.settings.max_upload_bytes,
+            max_pixels=self.settings.max_image_pixels,
+            max_request_pixels=self.settings.max_request_pixels,
+            on_reject=lambda code: self.metrics.rejected.labels(code).inc(),
+        )
+        futures = [self.batcher.submit(array, predictor) for _, array in infos]
         threshold = predictor.threshold(self.settings.review_threshold)
         out = []
         for (data, _), (info, _), fut in zip(uploads, infos, futures, strict=True):
@@ -392,9 +431,12 @@ class PredictionService:
         return out
 
     def _apply(self, records: list[Record]) -> None:
+        """Images first, with no database lock held (slow storage must not block the API's
+        writers on SQLite), then the rows in one short write transaction."""
+        store_blobs(self.storage, records)
         with self.session() as s:
             begin_write(s)
-            apply_records(s, self.storage, records)
+            apply_records(s, self.storage, records, blobs_stored=True)
             s.commit()
 
     def get_prediction(self, prediction_id: str) -> dict[str, Any]:
@@ -420,7 +462,9 @@ class PredictionService:
                 if pred is None:
                     raise NotFound(f"no prediction with id {prediction_id}")
                 return prediction_dict(s, pred)
-        except OperationalError:
+        except DBAPIError as exc:
+            if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+                raise
             raise DatabaseUnavailable(
                 "the database is unreachable; logged predictions cannot be read right now"
             ) from None
@@ -434,9 +478,20 @@ class PredictionService:
         comment: str | None,
         principal: Principal,
     ) -> dict[str, Any]:
-        """Acknowledged only once durable (committed to the outbox)."""
+        """Acknowledged only once durable (committed to the outbox). While the database is down
+        the prediction is checked against the ones this server acknowledged (any age)."""
         v = parse_verdict(verdict)
-        pred = self.get_prediction(prediction_id)  # NotFound for unknown ids
+        try:
+            pred = self.get_prediction(prediction_id)  # NotFound for unknown ids
+        except DatabaseUnavailable:
+            label = self.outbox.known_label(prediction_id)
+            if label is None:
+                raise DatabaseUnavailable(
+                    f"the database is unreachable and prediction {prediction_id} was not made "
+                    "by this server, so it cannot be checked now; retry when the database is "
+                    "back"
+                ) from None
+            pred = {"id": prediction_id, "label": label}
         classes = self.holder.current.classes if self.holder.current else []
         true_label = (true_label or "").strip() or None
         if true_label is not None and classes and true_label not in classes:
@@ -497,11 +552,7 @@ class PredictionService:
             checks["storage"] = {"ok": True}
         except Exception as exc:
             checks["storage"] = {"ok": False, "error": str(exc)[:200]}
-        checks["outbox"] = {
-            "depth": self.outbox.depth(),
-            "dead_letters": self.outbox.dead_letters(),
-            "last_error": self.flusher.last_error,
-        }
+        checks["outbox"] = self.flusher.status()
         if self.watch_error:
             checks["model"]["watch_error"] = self.watch_error
         ready = all(checks[k]["ok"] for k in ("model", "database", "storage"))

@@ -289,10 +289,17 @@ class GCSStorage(Storage):
         return DEFAULT_RETRY.with_timeout(self.timeout)
 
     def _wrap(self, action: str, key: str, exc: Exception) -> StorageError:
+        """ObjectNotFound only for a missing *object*; a write that finds no bucket (deleted,
+        not yet recreated) is an outage like any other StorageError, never a missing record."""
         from google.api_core import exceptions as gexc
 
-        if isinstance(exc, gexc.NotFound):
+        if isinstance(exc, gexc.NotFound) and action != "writing":
             return ObjectNotFound(f"no object {key!r} in {self.url}")
+        if isinstance(exc, gexc.NotFound):
+            return StorageError(
+                f"QF_STORAGE_URL: bucket {self.bucket_name!r} not found while writing {key!r} "
+                f"(deleted? `quarkflow init` recreates it): {exc}"
+            )
         return StorageError(f"QF_STORAGE_URL: {action} {key!r} in {self.url} failed: {exc}")
 
     def put(self, key, data, *, content_type=None, overwrite=True) -> PutResult:

@@ -31,6 +31,7 @@ DEPLOY = ROOT / "deploy"
 COMPOSE_FILES = [DEPLOY / "compose.yaml", DEPLOY / "compose.gpu.yaml"]
 COMPOSE_ENV = {
     "POSTGRES_PASSWORD": "pw-for-tests",
+    "POSTGRES_APP_PASSWORD": "app-pw-for-tests",
     "QF_SECRET_KEY": "key-for-tests",
     "QF_LABELSTUDIO_TOKEN": "token-for-tests",
     "LABELSTUDIO_ADMIN_EMAIL": "admin@example.com",
@@ -398,7 +399,11 @@ def test_kubernetes_manifests_essentials():
     assert "iam.gke.io/gcp-service-account" in sa["metadata"]["annotations"]  # workload identity
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
-    secrets = {"quarkflow-secrets", "quarkflow-service-secrets"}  # documented in config.yaml
+    secrets = {  # documented in config.yaml
+        "quarkflow-secrets",
+        "quarkflow-migrate-secrets",
+        "quarkflow-service-secrets",
+    }
     for doc, pod in _pod_specs(docs):
         name = doc["metadata"]["name"]
         assert pod["securityContext"]["runAsNonRoot"] is True, name

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from urllib.parse import urlsplit
 
 import httpx
@@ -81,9 +82,35 @@ def test_outage_then_kill9_loses_nothing(pg_factory, gcs_host, tmp_path, trained
         first = _predict(server.url, h, digits[0][0])  # also caches the token
         assert first.status_code == 200
         acked_predictions.append(first.json()["id"])
+        wait_until(
+            lambda: (
+                httpx.get(f"{server.url}/api/v1/predictions/{first.json()['id']}", headers=h)
+                .json()
+                .get("logged")
+            ),
+            what="the first prediction to be logged",
+        )
 
         db_proxy.down()
         gcs_proxy.down()
+        # feedback on a prediction already in the (now unreachable) database is still accepted
+        old = httpx.post(
+            f"{server.url}/api/v1/predictions/{acked_predictions[0]}/feedback",
+            json={"verdict": "correct"},
+            headers=h,
+            timeout=30,
+        )
+        assert old.status_code == 201, old.text
+        assert old.json()["true_label"] == first.json()["label"]
+        acked_feedback.append(old.json()["id"])
+        # one this server never made cannot be checked now: refused, not acknowledged
+        stranger = httpx.post(
+            f"{server.url}/api/v1/predictions/{uuid.uuid4()}/feedback",
+            json={"verdict": "correct"},
+            headers=h,
+            timeout=30,
+        )
+        assert stranger.status_code == 503 and "not made by this server" in stranger.text
         for i in range(1, 6):
             r = _predict(server.url, h, digits[0][i])
             assert r.status_code == 200, r.text

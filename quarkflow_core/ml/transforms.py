@@ -8,36 +8,77 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import ExifTags, ImageOps
 from PIL import Image as PILImage
-from PIL import ImageOps
 
 from quarkflow_core.errors import InvalidInput
+
+_STRIP_PIXELS = 1 << 20  # pixels per strip of rows in the conversions below
+
+
+def _strips(img: PILImage.Image):
+    """(top row, crop) pairs covering ``img`` in strips of about ``_STRIP_PIXELS`` pixels."""
+    width, height = img.size
+    step = max(1, _STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, step):
+        yield top, img.crop((0, top, width, min(height, top + step)))
+
+
+def _rescale_to_l(img: PILImage.Image, mode: str) -> PILImage.Image:
+    """16/32-bit greyscale -> "L", rescaled (not clipped). Works strip by strip: a float64 copy
+    of the whole frame would cost 8 bytes a pixel (several times over in the arithmetic)."""
+    if mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        peaks = []
+        for _, strip in _strips(img):
+            arr = np.asarray(strip, dtype=np.float64)
+            peaks.append((np.abs(arr) if mode == "F" else arr).max())
+        top = max(float(np.max(peaks)), 1.0)
+    width, height = img.size
+    out = np.empty((height, width), dtype=np.uint8)
+    for row, strip in _strips(img):
+        arr = np.asarray(strip, dtype=np.float64)
+        out[row : row + arr.shape[0]] = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+    return PILImage.fromarray(out)  # 2-D uint8 -> "L"
+
+
+def _onto_white(img: PILImage.Image, mode: str) -> PILImage.Image:
+    """Transparency composited onto white, strip by strip (per pixel, so the same result as
+    on the whole frame, without three more full-size RGBA copies)."""
+    grey = mode in ("LA", "La")
+    out = PILImage.new("L" if grey else "RGB", img.size)
+    for row, strip in _strips(img):
+        rgba = strip.convert("RGBA")
+        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat = PILImage.alpha_composite(background, rgba).convert("RGB")
+        out.paste(flat.convert("L") if grey else flat, (0, row))
+    return out
 
 
 def canonical_image(img: PILImage.Image) -> PILImage.Image:
     """Any decoded image -> an upright 8-bit "L" or "RGB" image, the same way for training,
     evaluation and serving: first frame of animations, EXIF orientation applied, 16/32-bit
     greyscale rescaled (not clipped), transparency composited onto white, CMYK/YCbCr/LAB/HSV
-    converted to RGB, palettes expanded."""
+    converted to RGB, palettes expanded.
+
+    Returns ``img`` itself (not a copy) when it is already canonical, and never changes its
+    pixels; conversions that need wide intermediates run in strips of rows, so the peak memory
+    stays near the decoded frame plus its 8-bit result (large uploads)."""
     if getattr(img, "is_animated", False):
         img.seek(0)
-    img = ImageOps.exif_transpose(img)
+    img.load()
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+        img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        if mode == "F":
-            top = max(float(np.abs(arr).max()), 1.0)
-        arr = np.clip(arr / top * 255.0, 0, 255)
-        return PILImage.fromarray(arr.astype(np.uint8))  # 2-D uint8 -> "L"
+        return _rescale_to_l(img, mode)
     if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
+        if "transparency" in img.info:
+            return _onto_white(img, "RGBA")
+        return img.convert("RGB")
     if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = PILImage.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("L") if mode in ("LA", "La") else img
+        return _onto_white(img, mode)
     if mode in ("L", "RGB"):
         return img
     if mode == "1":
@@ -70,7 +111,9 @@ class Preprocess:
     def to_array(self, img: PILImage.Image) -> np.ndarray:
         """uint8 array (H, W, C) at the preset size (before normalisation)."""
         img = canonical_image(img)
-        img = img.convert("L" if self.channels == 1 else "RGB")
+        target = "L" if self.channels == 1 else "RGB"
+        if img.mode != target:  # converting to the same mode would copy the whole frame
+            img = img.convert(target)
         if img.size != (self.size, self.size):
             resample = {
                 "bilinear": PILImage.BILINEAR,
