@@ -1,6 +1,7 @@
 """Aggregations for the workbench, computed in SQL (time buckets, GROUP BY, indexes on
 created_at): pages never load all rows. Works on Postgres (date_trunc, percentile_cont) and
-SQLite (strftime; percentiles by ORDER BY/OFFSET over the filtered range)."""
+SQLite (strftime; the same interpolated percentiles by ORDER BY/OFFSET over the filtered
+range): both give the same numbers (tests/test_analytics.py)."""
 
 from __future__ import annotations
 
@@ -79,19 +80,25 @@ def _percentiles(
             ).where(*conds)
         ).one()
         return {f"p{int(q * 100)}": row[i] for i, q in enumerate(qs)}
+    # SQLite: the same linear interpolation as percentile_cont, from the two neighbouring
+    # values of the sorted range (fetched with ORDER BY/OFFSET, never the whole column).
     n = session.scalar(select(func.count()).select_from(Prediction).where(*conds)) or 0
     out: dict[str, float | None] = {}
     for q in qs:
         if n == 0:
             out[f"p{int(q * 100)}"] = None
             continue
-        out[f"p{int(q * 100)}"] = session.scalar(
+        pos = q * (n - 1)
+        low = math.floor(pos)
+        pair = session.scalars(
             select(Prediction.latency_ms)
             .where(*conds)
             .order_by(Prediction.latency_ms)
-            .offset(min(n - 1, int(q * (n - 1))))
-            .limit(1)
-        )
+            .offset(low)
+            .limit(2)
+        ).all()
+        high = pair[1] if len(pair) > 1 else pair[0]
+        out[f"p{int(q * 100)}"] = pair[0] + (high - pair[0]) * (pos - low)
     return out
 
 
