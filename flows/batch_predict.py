@@ -13,20 +13,19 @@ from prefect.artifacts import (
 )
 from prefect_dask import DaskTaskRunner
 
-from flows.common import data_dir, db, storage, storage_at
+from flows.common import db, storage, storage_at
 from quarkflow_core.config import get_settings
 
 
 @task(name="predict-chunk", retries=2, retry_delay_seconds=2)
 def predict_chunk(keys: list[str], source_url: str | None) -> dict[str, Any]:
     from quarkflow_core.batch import champion_predictor, predict_keys
+    from quarkflow_core.registry import model_cache_dir
 
     settings = get_settings()
     dest, source = storage(), storage_at(source_url)
     with db() as s:
-        predictor = champion_predictor(
-            session=s, storage=dest, cache_root=data_dir() / "model-cache"
-        )
+        predictor = champion_predictor(session=s, storage=dest, cache_root=model_cache_dir())
         return predict_keys(
             session=s,
             source=source,

@@ -9,13 +9,13 @@ from typing import Any
 import httpx
 from prefect import flow, task
 
-from flows.common import data_dir, db, storage
+from flows.common import db, storage
 from quarkflow_core.config import get_settings
 
 
 @task(name="approve")
 def approve_task(version: str, user: str, reason: str, override: bool) -> dict[str, Any]:
-    from quarkflow_core.registry import PolicyConfig, approve, event_dict
+    from quarkflow_core.registry import PolicyConfig, approve, event_dict, model_cache_dir
     from quarkflow_core.users import get_user
 
     with db() as s:
@@ -25,9 +25,9 @@ def approve_task(version: str, user: str, reason: str, override: bool) -> dict[s
             version=version,
             user=get_user(session=s, username=user),
             reason=reason,
-            cache_root=data_dir() / "model-cache",
+            cache_root=model_cache_dir(),
             override=override,
-            config=PolicyConfig.from_settings(get_settings()),
+            config=PolicyConfig.from_settings(),
         )
         return event_dict(session=s, event=event)
 

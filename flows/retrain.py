@@ -87,7 +87,7 @@ def export_task(artifact_dir: str, snapshot_id: int, fmt: str) -> float:
 
 @task(name="register", retries=2, retry_delay_seconds=2)
 def register_task(key: str, artifact_dir: str, parent_dir: str | None) -> dict[str, Any]:
-    from quarkflow_core.registry import PolicyConfig
+    from quarkflow_core.registry import PolicyConfig, model_cache_dir
 
     with db() as s:
         return core.register_step(
@@ -97,22 +97,22 @@ def register_task(key: str, artifact_dir: str, parent_dir: str | None) -> dict[s
             artifact_dir=artifact_dir,
             parent_dir=parent_dir,
             actor="flow:retrain",
-            cache_root=data_dir() / "model-cache",
-            policy=PolicyConfig.from_settings(get_settings()),
+            cache_root=model_cache_dir(),
+            policy=PolicyConfig.from_settings(),
         )
 
 
 @task(name="judge-existing")
 def judge_task(version: int) -> dict[str, Any]:
-    from quarkflow_core.registry import PolicyConfig, get_version
+    from quarkflow_core.registry import PolicyConfig, get_version, model_cache_dir
 
     with db() as s:
         return core.judge(
             session=s,
             storage=storage(),
             row=get_version(session=s, ref=version),
-            cache_root=data_dir() / "model-cache",
-            policy=PolicyConfig.from_settings(get_settings()),
+            cache_root=model_cache_dir(),
+            policy=PolicyConfig.from_settings(),
         )
 
 

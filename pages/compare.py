@@ -89,7 +89,7 @@ def body() -> None:
                 storage=wb.storage(),
                 a=names[a],
                 b=names[b],
-                cache_root=wb.settings().data_dir / "model-cache",
+                cache_root=registry.model_cache_dir(),
             )
         variants = [registry.summary(v, session=s) for v in versions]
     verdict = rep["verdict"]

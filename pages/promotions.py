@@ -108,8 +108,8 @@ def body() -> None:
                 session=s,
                 storage=wb.storage(),
                 ref=pick,
-                cache_root=wb.settings().data_dir / "model-cache",
-                config=registry.PolicyConfig.from_settings(wb.settings()),
+                cache_root=registry.model_cache_dir(),
+                config=registry.PolicyConfig.from_settings(),
             )
         verdict = p.policy.verdict
         (st.success if p.policy.passed else st.warning)(f"Policy: {verdict}")
@@ -143,9 +143,9 @@ def body() -> None:
                                 version=pick,
                                 user=wb.db_user(s),
                                 reason=reason,
-                                cache_root=wb.settings().data_dir / "model-cache",
+                                cache_root=registry.model_cache_dir(),
                                 override=override,
-                                config=registry.PolicyConfig.from_settings(wb.settings()),
+                                config=registry.PolicyConfig.from_settings(),
                             )
                         else:
                             ev = registry.reject(

@@ -23,6 +23,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Session
 
+from quarkflow_core import registry
 from quarkflow_core.config import Settings
 from quarkflow_core.database import begin_write, make_engine
 from quarkflow_core.errors import (
@@ -180,7 +181,7 @@ class PredictionService:
         self.outbox = Outbox(outbox_path(settings.data_dir))
         self.flusher = Flusher(self.outbox, self._apply, is_transient=is_transient)
         self.pointer = serving_dir / "current.json"
-        self.cache_root = Path(settings.data_dir) / "model-cache"
+        self.cache_root = registry.model_cache_dir(settings)
         self.watch_error: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -274,8 +275,6 @@ class PredictionService:
     def refresh_model(self) -> bool:
         """Swap to the current champion if it changed: load fully, verify sha256, warm up,
         then swap. Returns True when a swap happened."""
-        from quarkflow_core import registry
-
         with self.session() as s:
             row = registry.alias_of(session=s, alias=registry.CHAMPION)
             if row is None:
