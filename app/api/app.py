@@ -1,0 +1,70 @@
+"""``create_app``: the service, the lifespan, middleware, error handlers, the routers and the
+Gradio demo, wired together. Routes live in one module per resource."""
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import feedback, images, models, ops, predictions, review, users, webhooks
+from app.api.errors import add_error_handlers
+from app.api.middleware import BodyLimits, EdgeMiddleware
+from quarkflow_core import __version__
+from quarkflow_core.config import Settings, get_settings
+from quarkflow_core.service import PredictionService
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+# in this order: it is the order of the OpenAPI paths, and of matching
+ROUTERS = (ops, predictions, feedback, review, images, webhooks, models, users)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    host: str | None = None,
+    service: PredictionService | None = None,
+    with_demo: bool = True,
+    watch: bool = True,
+) -> FastAPI:
+    settings = settings or get_settings()
+    service = service or PredictionService(settings)
+    anonymous = (
+        settings.anonymous_demo if settings.anonymous_demo is not None else host in LOCAL_HOSTS
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        service.start(watch=watch)
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(
+        title="Quarkflow API",
+        version=__version__,
+        description="Predictions with durable logging and feedback, the review queue, and the "
+        "model registry (promotion needs role ml_lead). Authenticate with "
+        "`Authorization: Bearer <token>` (`quarkflow tokens create`).",
+        lifespan=lifespan,
+    )
+    # what app.api.deps hands to the routes
+    app.state.service = service
+    app.state.settings = settings
+    app.state.anonymous = anonymous
+    limits = BodyLimits(
+        app.router.routes,
+        json_bytes=settings.max_json_bytes,
+        per_file=settings.max_upload_bytes,
+        max_files=settings.max_batch_files,
+    )
+    app.add_middleware(EdgeMiddleware, service=service, limits=limits)
+    add_error_handlers(app)
+    for module in ROUTERS:
+        app.include_router(module.router)
+
+    if with_demo:
+        from app.demo import mount_demo  # Gradio: seconds to import, only when mounted
+
+        app = mount_demo(app, service, settings, anonymous=anonymous)
+    return app

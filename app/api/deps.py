@@ -1,0 +1,83 @@
+"""What routes depend on: the service and settings :func:`app.api.create_app` was built with
+(from ``app.state``, not closures), who is calling, role checks, a database session, and the
+checked X-Request-Id."""
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from quarkflow_core.config import Settings
+from quarkflow_core.errors import AuthenticationFailed, InvalidInput, PermissionDenied
+from quarkflow_core.schema import Role, User
+from quarkflow_core.service import ANONYMOUS, PredictionService, Principal
+
+
+async def app_service(request: Request) -> PredictionService:
+    return request.app.state.service
+
+
+async def app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+Service = Annotated[PredictionService, Depends(app_service)]
+AppSettings = Annotated[Settings, Depends(app_settings)]
+
+
+def principal(request: Request) -> Principal:
+    """Who is calling: the bearer token's user, or the anonymous demo user where the app
+    allows it (``app.state.anonymous``)."""
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationFailed("use the header 'Authorization: Bearer <token>'")
+        return request.app.state.service.authenticate(token.strip())
+    if request.app.state.anonymous:
+        return ANONYMOUS
+    raise AuthenticationFailed(
+        "authentication required: send 'Authorization: Bearer <token>' "
+        "(create one with `quarkflow tokens create --user NAME`)"
+    )
+
+
+Who = Annotated[Principal, Depends(principal)]
+
+
+def db_session(service: Service) -> Iterator[Session]:
+    """A session around the route function: closed (rolled back unless committed) when it
+    returns or raises, before the response is sent."""
+    with service.session() as session:
+        yield session
+
+
+DbSession = Annotated[Session, Depends(db_session, scope="function")]
+
+
+def need(who: Principal, *roles: Role, action: str) -> None:
+    """Refuse ``action`` unless ``who`` has one of ``roles`` (admin has every role)."""
+    if not who.has(*roles):
+        allowed = " or ".join(sorted(r.value for r in roles))
+        raise PermissionDenied(f"{action} needs role {allowed}; {who.username} is {who.role}")
+
+
+def db_user(session: Session, who: Principal) -> User:
+    """The caller's user row; anonymous callers and deleted users are refused."""
+    if who.user_id is None:
+        raise PermissionDenied("sign in: this action is not open to anonymous users")
+    user = session.get(User, who.user_id)
+    if user is None:
+        raise AuthenticationFailed("the token's user no longer exists")
+    return user
+
+
+def request_id(request: Request) -> str | None:
+    """X-Request-Id as the database can store it (checked before anything is accepted)."""
+    rid = request.headers.get("x-request-id")
+    if rid is not None and (len(rid) > 64 or not rid.isprintable()):
+        raise InvalidInput(
+            "header X-Request-Id: at most 64 printable characters", code="invalid_header"
+        )
+    return rid

@@ -1,0 +1,126 @@
+"""The model registry (versions, aliases, history, promotion decisions) and starting a
+retrain."""
+
+from fastapi import APIRouter
+from sqlalchemy.orm import Session
+
+from app.api.deps import AppSettings, DbSession, Service, Who, db_user, need
+from app.api.schemas import ERRORS, DecisionIn, ModelRef, RetrainIn, RollbackIn
+from quarkflow_core import registry
+from quarkflow_core.orchestration import trigger_deployment
+from quarkflow_core.schema import ModelVersion, PromotionEvent, Role
+
+router = APIRouter()
+
+
+def alias_tags(s: Session) -> dict[int, list[str]]:
+    """Model version id -> the aliases that point at it."""
+    tags: dict[int, list[str]] = {}
+    for alias, row in registry.aliases(session=s).items():
+        tags.setdefault(row.id, []).append(alias)
+    return tags
+
+
+def version_dict(s: Session, row: ModelVersion, tags: dict[int, list[str]]) -> dict:
+    return {**registry.summary(row, session=s), "aliases": tags.get(row.id, [])}
+
+
+def decided(s: Session, event: PromotionEvent) -> dict:
+    return registry.event_dict(session=s, event=event)
+
+
+@router.get("/api/v1/models", tags=["models"], responses=ERRORS)
+def list_models(who: Who, s: DbSession) -> dict:
+    """Every registered version with its aliases and headline metrics."""
+    tags = alias_tags(s)
+    return {"versions": [version_dict(s, r, tags) for r in registry.list_versions(session=s)]}
+
+
+@router.get("/api/v1/models/aliases", tags=["models"], responses=ERRORS)
+def get_aliases(who: Who, service: Service, s: DbSession) -> dict:
+    """champion / challenger -> version, and what this server is serving right now."""
+    named = {a: r.version for a, r in registry.aliases(session=s).items()}
+    current = service.holder.current
+    return {"aliases": named, "serving": current.describe() if current else None}
+
+
+@router.get("/api/v1/models/history", tags=["models"], responses=ERRORS)
+def model_history(who: Who, s: DbSession) -> dict:
+    """Every promotion event: who, when, from, to, why, evidence hash."""
+    return {
+        "events": [registry.event_dict(session=s, event=e) for e in registry.history(session=s)]
+    }
+
+
+@router.get("/api/v1/models/{ref}", tags=["models"], responses=ERRORS)
+def get_model(ref: ModelRef, who: Who, s: DbSession) -> dict:
+    """One version (3, v3, champion, challenger) with its lineage."""
+    row = registry.get_version(session=s, ref=ref)
+    return {**version_dict(s, row, alias_tags(s)), "lineage": registry.lineage(session=s, row=row)}
+
+
+@router.get("/api/v1/models/{ref}/proposal", tags=["models"], responses=ERRORS)
+def proposal(
+    ref: ModelRef, who: Who, service: Service, settings: AppSettings, s: DbSession
+) -> dict:
+    """The policy's verdict on making this version champion, with the evidence."""
+    need(who, Role.ANALYST, Role.ML_LEAD, action="reading promotion evidence")
+    p = registry.propose(
+        session=s,
+        storage=service.storage,
+        ref=ref,
+        cache_root=service.cache_root,
+        config=registry.PolicyConfig.from_settings(settings),
+    )
+    return {"evidence_sha256": p.evidence_sha256, **p.evidence}
+
+
+@router.post("/api/v1/models/{ref}/approve", tags=["models"], responses=ERRORS)
+def approve(
+    ref: ModelRef,
+    body: DecisionIn,
+    who: Who,
+    service: Service,
+    settings: AppSettings,
+    s: DbSession,
+) -> dict:
+    """Make this version champion (role ml_lead). Serving switches within seconds."""
+    event = registry.approve(
+        session=s,
+        storage=service.storage,
+        version=ref,
+        user=db_user(s, who),
+        reason=body.reason,
+        cache_root=service.cache_root,
+        override=body.override,
+        config=registry.PolicyConfig.from_settings(settings),
+    )
+    return decided(s, event)
+
+
+@router.post("/api/v1/models/{ref}/reject", tags=["models"], responses=ERRORS)
+def reject(ref: ModelRef, body: DecisionIn, who: Who, s: DbSession) -> dict:
+    """Decline a candidate (role ml_lead)."""
+    event = registry.reject(session=s, version=ref, user=db_user(s, who), reason=body.reason)
+    return decided(s, event)
+
+
+@router.post("/api/v1/models/rollback", tags=["models"], responses=ERRORS)
+def rollback(body: RollbackIn, who: Who, service: Service, s: DbSession) -> dict:
+    """Move the champion back (role ml_lead)."""
+    event = registry.rollback(
+        session=s,
+        storage=service.storage,
+        user=db_user(s, who),
+        reason=body.reason,
+        to=body.to,
+    )
+    return decided(s, event)
+
+
+@router.post("/api/v1/retrain", status_code=202, tags=["models"], responses=ERRORS)
+def start_retrain(body: RetrainIn, who: Who, settings: AppSettings) -> dict:
+    """Start the `retrain` deployment on the Prefect worker (role ml_lead)."""
+    need(who, Role.ML_LEAD, action="starting a retrain")
+    run_id = trigger_deployment(settings.prefect_api_url, parameters=body.model_dump())
+    return {"flow_run_id": run_id, "deployment": "retrain/retrain"}

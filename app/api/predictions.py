@@ -1,0 +1,55 @@
+"""Predictions: one image, a batch, and reading one back."""
+
+from fastapi import APIRouter, File, Request, UploadFile
+
+from app.api.deps import AppSettings, Service, Who, request_id
+from app.api.schemas import ERRORS, BatchOut, PredictionId, PredictionOut
+
+router = APIRouter()
+
+
+def read_upload(upload: UploadFile, limit: int) -> tuple[bytes, str | None]:
+    """The upload's first ``limit + 1`` bytes (one past, so the service can tell it is too
+    large) and its declared content type."""
+    data = upload.file.read(limit + 1)
+    return data, upload.content_type
+
+
+@router.post(
+    "/api/v1/predictions", response_model=PredictionOut, tags=["predictions"], responses=ERRORS
+)
+def predict(
+    who: Who,
+    request: Request,
+    service: Service,
+    settings: AppSettings,
+    file: UploadFile = File(...),
+) -> dict:
+    """Predict one image (multipart field `file`). Logged durably before the answer."""
+    rid = request_id(request)
+    return service.predict(
+        [read_upload(file, settings.max_upload_bytes)], principal=who, request_id=rid
+    )[0]
+
+
+@router.post(
+    "/api/v1/predictions/batch", response_model=BatchOut, tags=["predictions"], responses=ERRORS
+)
+def predict_batch(
+    who: Who,
+    request: Request,
+    service: Service,
+    settings: AppSettings,
+    files: list[UploadFile] = File(...),
+) -> dict:
+    """Predict several images (repeat the multipart field `files`). All or nothing."""
+    rid = request.headers.get("x-request-id")
+    uploads = [read_upload(f, settings.max_upload_bytes) for f in files]
+    return {"predictions": service.predict(uploads, principal=who, request_id=rid)}
+
+
+@router.get("/api/v1/predictions/{prediction_id}", tags=["predictions"], responses=ERRORS)
+def get_prediction(prediction_id: PredictionId, who: Who, service: Service) -> dict:
+    """A prediction with its feedback and review state (`logged: false` while it is
+    still in the outbox)."""
+    return service.get_prediction(prediction_id)
