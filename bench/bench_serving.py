@@ -235,7 +235,7 @@ def main() -> None:
             "GRADIO_ANALYTICS_ENABLED": "False",
         }
         server = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
-            [sys.executable, "-m", "quarkflow_core.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=open(work / "server.log", "wb"),  # noqa: SIM115

@@ -76,7 +76,7 @@ def streamlit_argv(*, host: str, port: int) -> list[str]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "quarkflow_core.cli", *args]
+    return [sys.executable, "-m", "app.cli", *args]
 
 
 def demo_env(settings: Settings, plan: DemoPlan) -> dict[str, str]:

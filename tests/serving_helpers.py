@@ -174,7 +174,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "quarkflow_core.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
             env=env,
             stdout=open(log, "ab"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,

@@ -411,7 +411,7 @@ def test_truncate_triggers_downgrade_and_upgrade(pg_factory):
 
 def test_the_cli_migrates_as_the_owner_and_grants_the_app_role(pg_factory, superuser, monkeypatch):
     """`quarkflow init`'s database step (`db upgrade`) with the two URLs of a deployment."""
-    from quarkflow_core.cli import app
+    from app.cli import app
 
     owner_url = pg_factory.create()
     role = _new_role(superuser)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quarkflow_core.cli import app as cli_app
+from app.cli import app as cli_app
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]

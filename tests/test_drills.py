@@ -399,7 +399,7 @@ def test_drill_storage_bucket_deleted_and_recreated(
             time.sleep(0.5)
         assert not dep.storage().bucket.exists(), "the bucket came back before `quarkflow init`"
         init = subprocess.run(  # the operator recreates it
-            [sys.executable, "-m", "quarkflow_core.cli", "init"],
+            [sys.executable, "-m", "app.cli", "init"],
             env=dep.env(),
             capture_output=True,
             text=True,

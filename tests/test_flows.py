@@ -12,8 +12,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from app import cli
 from app.api import create_app
-from quarkflow_core import cli, registry
+from quarkflow_core import registry
 from quarkflow_core.config import get_settings
 from quarkflow_core.demo import demo_pngs, seed_demo
 from quarkflow_core.schema import Image, ModelVersion, Prediction, ReviewItem

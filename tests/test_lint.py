@@ -1,3 +1,4 @@
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -30,4 +31,22 @@ def test_only_config_reads_the_environment():
         text = path.read_text()
         if "os.getenv" in text or "os.environ" in text:
             offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+@pytest.mark.unit
+def test_the_core_does_not_import_the_entry_points():
+    """quarkflow_core is the library; app/ (the CLI, the API, the workbench) is built on it,
+    never the other way round."""
+    offenders = []
+    for path in ROOT.glob("quarkflow_core/**/*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(name == "app" or name.startswith("app.") for name in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []

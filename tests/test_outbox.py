@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from app import cli
 from app.api import create_app
-from quarkflow_core import cli
 from quarkflow_core.config import get_settings
 from quarkflow_core.demo import demo_pngs
 from quarkflow_core.errors import ObjectNotFound, StorageError

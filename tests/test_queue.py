@@ -16,8 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from app import cli
 from app.api import create_app
-from quarkflow_core import cli, registry
+from quarkflow_core import registry
 from quarkflow_core.config import get_settings
 from quarkflow_core.demo import demo_traffic_pngs
 from quarkflow_core.images import validate_upload

@@ -43,7 +43,7 @@ def test_seed_twice_changes_nothing(db_session, storage):
 
 def _cli(env, *args):
     return subprocess.run(
-        [sys.executable, "-m", "quarkflow_core.cli", *args],
+        [sys.executable, "-m", "app.cli", *args],
         env=env,
         capture_output=True,
         text=True,

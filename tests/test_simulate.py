@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from quarkflow_core import cli
+from app import cli
 from quarkflow_core.demo import demo_pngs
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.simulate import LabelledData, SimulationSpec, curve_bands, load_results

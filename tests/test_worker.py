@@ -37,7 +37,7 @@ def test_worker_serves_deployments_and_runs_retrain_on_demand(tmp_path, trained_
     )
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
     worker = subprocess.Popen(
-        [sys.executable, "-m", "quarkflow_core.cli", "worker", "--prefect-port", str(port)],
+        [sys.executable, "-m", "app.cli", "worker", "--prefect-port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,324 @@
+"""Training and model files: `train`, `models-zoo`, `evaluate`, `compare`, `prune`, `export`,
+`retrain`.
+
+Top-level commands are registered (in `quarkflow --help` order) by app/cli/__init__.py."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from sqlalchemy.orm import Session
+
+from app.cli.common import _fmt, _print_kv, _progress, _session, _settings, console
+
+
+def _holdout(session: Session, snapshot: int | None, preset):
+    from quarkflow_core.storage import get_storage
+    from quarkflow_core.training import load_holdout
+
+    return load_holdout(session=session, storage=get_storage(), snapshot_id=snapshot, preset=preset)
+
+
+def train(
+    architecture: str = typer.Option("smallcnn", "--arch", help="See `quarkflow models-zoo`."),
+    epochs: int = typer.Option(15, help="Maximum epochs (early stopping may end sooner)."),
+    batch_size: int = typer.Option(128),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (one-cycle schedule)."),
+    augment: str = typer.Option("light", help="none | light | photo"),
+    preset: str | None = typer.Option(None, help="Eval preset; default: the architecture's."),
+    image_size: int | None = typer.Option(None, help="Override the preset's image size."),
+    class_weights: bool = typer.Option(False, help="Inverse-frequency class weights."),
+    pretrained: str | None = typer.Option(
+        None,
+        help="Local weights file ('package' for efficientnet_lite0's shipped ImageNet weights).",
+    ),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    snapshot: int | None = typer.Option(None, help="Dataset snapshot id (default: newest)."),
+    kfold: int = typer.Option(0, help="Also run stratified k-fold CV on the train split."),
+    out: Path | None = typer.Option(None, help="Artifact folder (default under QF_DATA_DIR)."),
+) -> None:
+    """Train a model on a dataset snapshot, calibrate it, evaluate it, write an artifact."""
+    from quarkflow_core.ml.train import TrainConfig
+    from quarkflow_core.storage import get_storage
+    from quarkflow_core.training import default_snapshot_id, headline, train_from_snapshot
+
+    config = TrainConfig(
+        architecture=architecture,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        augment=augment,
+        preset=preset,
+        image_size=image_size,
+        class_weights=class_weights,
+        pretrained_weights=pretrained,
+        seed=seed,
+        device=device,
+    )
+    config.validate()
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = out or _settings().data_dir / "artifacts" / f"{stamp}-{architecture}"
+    with _session() as session, _progress() as bar:
+        snap_id = snapshot or default_snapshot_id(session=session)
+        task = bar.add_task(f"training {architecture}", total=epochs)
+        state = {"epoch": 0}
+
+        def on_progress(ev) -> None:
+            if ev.stage == "batch":
+                bar.update(
+                    task,
+                    completed=ev.epoch - 1 + ev.step / max(ev.steps, 1),
+                    description=f"epoch {ev.epoch}/{ev.epochs} loss {ev.train_loss:.3f}",
+                )
+            elif ev.stage == "epoch":
+                state["epoch"] = ev.epoch
+                bar.update(task, completed=ev.epoch)
+                bar.console.print(
+                    f"epoch {ev.epoch:>2}: train loss {ev.train_loss:.4f}  val loss "
+                    f"{ev.val_loss:.4f}  val acc {ev.val_accuracy:.4f}"
+                )
+            elif ev.stage == "done":
+                bar.update(task, completed=epochs, description=f"trained ({ev.message})")
+
+        def on_fold(i: int, k: int, fold: dict) -> None:
+            bar.console.print(f"fold {i}/{k}: accuracy {fold['accuracy']:.4f}")
+
+        outcome = train_from_snapshot(
+            session=session,
+            storage=get_storage(),
+            snapshot_id=snap_id,
+            config=config,
+            out_dir=out,
+            kfold=kfold,
+            progress=on_progress,
+            kfold_progress=on_fold,
+        )
+    _print_kv(
+        f"training run #{outcome.run_id} (snapshot {snap_id})",
+        {
+            **headline(outcome.metrics),
+            "device": outcome.summary["device"],
+            "epochs_run": outcome.summary["epochs_run"],
+            "train_seconds": outcome.summary["train_seconds"],
+            "images_per_second": outcome.summary["images_per_second"],
+        },
+    )
+    console.print(
+        f"artifact: {outcome.artifact_dir}  (manifest sha256 {outcome.manifest_sha256[:12]}…)"
+    )
+
+
+def models_zoo() -> None:
+    """List the architectures `train --arch` accepts."""
+    from quarkflow_core.ml.models import list_models, model_spec
+
+    table = Table("name", "default preset", "description")
+    for name in list_models():
+        spec = model_spec(name)
+        table.add_row(name, spec.default_preset, spec.description)
+    console.print(table)
+
+
+def evaluate(
+    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    snapshot: int | None = typer.Option(None, help="Snapshot whose hold-out to use."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full report here."),
+) -> None:
+    """Evaluate an artifact on a snapshot's hold-out: accuracy, F1, ECE, top-k, latency."""
+    import json
+
+    from quarkflow_core.ml.artifacts import load_artifact
+    from quarkflow_core.ml.evaluate import evaluate_model
+
+    loaded = load_artifact(artifact)
+    with _session() as session:
+        snap_id, holdout = _holdout(session, snapshot, loaded.preset)
+    report = evaluate_model(loaded.model, holdout, loaded.preset, temperature=loaded.temperature)
+    _print_kv(
+        f"{loaded.architecture} on hold-out of snapshot {snap_id} (n={report['n']})",
+        {
+            "accuracy": report["accuracy"],
+            "macro_f1": report["macro_f1"],
+            "ece": report["ece"],
+            "top3_accuracy": report.get("top3_accuracy"),
+            "latency_ms_batch1": report["latency"]["batch1"]["median_ms"],
+            "latency_ms_per_image_batch32": report["latency"]["batch32"]["per_image_ms"],
+        },
+    )
+    per = Table("class", "precision", "recall", "f1", "support", title="per class")
+    for c, m in report["per_class"].items():
+        per.add_row(c, _fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["f1"]), str(m["support"]))
+    console.print(per)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {json_out}")
+
+
+def compare_cmd(
+    a: Path = typer.Argument(..., help="Reference artifact (e.g. the champion)."),
+    b: Path = typer.Argument(..., help="Candidate artifact."),
+    snapshot: int | None = typer.Option(None, help="Snapshot whose hold-out to use."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full report here."),
+) -> None:
+    """Paired comparison on the same hold-out: McNemar, bootstrap CI, per-class deltas."""
+    import json
+
+    from quarkflow_core.ml.artifacts import load_artifact
+    from quarkflow_core.ml.compare import compare
+    from quarkflow_core.ml.evaluate import measure_latency, predict_proba
+
+    la, lb = load_artifact(a), load_artifact(b)
+    if la.classes != lb.classes:
+        raise typer.BadParameter("the two artifacts have different class lists")
+    with _session() as session:
+        snap_id, hold_a = _holdout(session, snapshot, la.preset)
+        hold_b = hold_a if lb.preset == la.preset else _holdout(session, snap_id, lb.preset)[1]
+    if hold_a.ids != hold_b.ids:
+        raise typer.BadParameter("hold-out items differ between the two presets")
+
+    def meta(m):
+        return {
+            "size_bytes": sum(f["size"] for f in m.manifest["files"].values()),
+            "latency_ms": measure_latency(m.model, m.preset)["median_ms"],
+        }
+
+    report = compare(
+        hold_a.labels,
+        predict_proba(la.model, hold_a.images, la.preset, temperature=la.temperature),
+        predict_proba(lb.model, hold_b.images, lb.preset, temperature=lb.temperature),
+        la.classes,
+        meta_a=meta(la),
+        meta_b=meta(lb),
+    )
+    lo, hi = report["accuracy_delta_ci95"]
+    _print_kv(
+        f"B vs A on hold-out of snapshot {snap_id} (n={report['n']})",
+        {
+            "accuracy A": report["accuracy_a"],
+            "accuracy B": report["accuracy_b"],
+            "delta (B-A)": report["accuracy_delta"],
+            "95% CI": f"[{lo:+.4f}, {hi:+.4f}]",
+            "McNemar p": report["mcnemar"]["p_value"],
+            "ECE delta": report["ece_delta"],
+            **{f"{k} delta": v for k, v in report["deltas"].items()},
+            "verdict": report["verdict"],
+        },
+    )
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+def prune_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact folder to prune."),
+    ratio: float = typer.Option(0.5, help="Share of channels (structured) or weights removed."),
+    method: str = typer.Option("structured", help="structured | unstructured"),
+    recover_epochs: int = typer.Option(2, help="Fine-tune epochs after structured pruning."),
+    snapshot: int | None = typer.Option(None),
+    out: Path = typer.Option(..., help="Folder for the pruned artifact."),
+) -> None:
+    """Prune a model, recover accuracy, report the trade-off, write a new artifact."""
+    from quarkflow_core.ml.artifacts import load_artifact
+    from quarkflow_core.ml.data import load_snapshot
+    from quarkflow_core.ml.variants import prune_artifact
+    from quarkflow_core.schema import Split
+    from quarkflow_core.storage import get_storage
+    from quarkflow_core.training import default_snapshot_id
+
+    loaded = load_artifact(artifact)
+    with _session() as session:
+        snap_id = snapshot or default_snapshot_id(session=session)
+        data = load_snapshot(
+            session=session, storage=get_storage(), snapshot_id=snap_id, preset=loaded.preset
+        )
+    with console.status(f"pruning {ratio:.0%} ({method}) and recovering…"):
+        report, sha = prune_artifact(
+            loaded,
+            train=data[Split.TRAIN],
+            holdout=data[Split.HOLDOUT],
+            ratio=ratio,
+            method=method,
+            recover_epochs=recover_epochs,
+            out_dir=out,
+        )
+    _print_kv(f"{method} pruning {ratio:.0%}", report)
+    console.print(f"pruned artifact: {out}  (manifest sha256 {sha[:12]}…)")
+
+
+def export_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact folder (not yet registered)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript | all"),
+    snapshot: int | None = typer.Option(None, help="Snapshot whose images check parity."),
+) -> None:
+    """Export to ONNX / TorchScript inside the artifact, with a parity check on real images."""
+    from quarkflow_core.ml.artifacts import load_artifact
+    from quarkflow_core.ml.variants import export_artifact
+
+    loaded = load_artifact(artifact)
+    with _session() as session:
+        _, holdout = _holdout(session, snapshot, loaded.preset)
+    formats = ["onnx", "torchscript"] if fmt == "all" else [fmt]
+    for f in formats:
+        diff = export_artifact(loaded, fmt=f, images=holdout.images[:64])
+        console.print(f"{f}: parity ok (max |Δp| = {diff:.2e} on 64 hold-out images)")
+
+
+def retrain_cmd(
+    epochs: int = typer.Option(15, help="Maximum epochs (early stopping may end sooner)."),
+    min_epochs: int | None = typer.Option(
+        None, help="No early stop before this epoch (default: 80% of --epochs)."
+    ),
+    architecture: str = typer.Option("smallcnn", "--arch", help="See `quarkflow models-zoo`."),
+    batch_size: int = typer.Option(128),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (one-cycle schedule)."),
+    augment: str = typer.Option("light", help="none | light | photo"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    kfold: int = typer.Option(0, help="Also run stratified k-fold CV on the train split."),
+    prune_ratio: float | None = typer.Option(None, help="Also prune the candidate."),
+    deployment: bool = typer.Option(
+        False, help="Start the `retrain` deployment on the worker instead of running here."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Run the retrain flow now (or trigger its deployment): snapshot, train, register."""
+    import json
+
+    params = {
+        "epochs": epochs,
+        "min_epochs": min_epochs,
+        "architecture": architecture,
+        "batch_size": batch_size,
+        "lr": lr,
+        "augment": augment,
+        "seed": seed,
+        "device": device,
+        "kfold": kfold,
+        "prune_ratio": prune_ratio,
+    }
+    from quarkflow_core.retrain import RetrainSpec
+
+    RetrainSpec(**params).train_config().validate()  # a bad option fails here, not on the worker
+    if deployment:
+        from quarkflow_core.orchestration import trigger_deployment
+
+        run_id = trigger_deployment(_settings().prefect_api_url, parameters=params)
+        if as_json:
+            print(json.dumps({"flow_run_id": run_id, "parameters": params}))
+        else:
+            console.print(f"started retrain flow run {run_id} on the worker")
+        return
+    from flows.retrain import retrain
+
+    result = retrain(**params)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    cand = result["candidate"]
+    console.print(
+        f"candidate v{cand['version']} registered as challenger; policy: "
+        f"{cand['policy']['verdict']} ({'; '.join(cand['policy']['reasons'])})"
+    )

@@ -1,0 +1,87 @@
+"""`quarkflow users ...` and `quarkflow tokens ...`."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from datetime import timedelta
+
+import typer
+from rich.table import Table
+
+from app.cli.common import _session, _settings, console, err_console
+
+users_app = typer.Typer(help="Users and roles.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens (shown once, stored hashed).", no_args_is_help=True)
+
+
+@users_app.command("create")
+def users_create(
+    username: str,
+    role: str = typer.Option(..., help="domain_expert | analyst | ml_lead | admin"),
+    password: str | None = typer.Option(
+        None, help="Password (prompted when omitted and a terminal is attached)."
+    ),
+    no_password: bool = typer.Option(False, help="Token-only user (no sign-in password)."),
+) -> None:
+    """Create a user with a role."""
+    from quarkflow_core.users import create_user
+
+    if password is None and not no_password:
+        if not sys.stdin.isatty():
+            raise typer.BadParameter("give --password or --no-password when not on a terminal")
+        password = getpass.getpass(f"password for {username}: ")
+    with _session() as session:
+        user = create_user(session=session, username=username, role=role, password=password)
+        console.print(f"created user [bold]{user.username}[/bold] with role {user.role.value}")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List users and their roles."""
+    from sqlalchemy import select
+
+    from quarkflow_core.schema import User
+
+    with _session() as session:
+        table = Table("id", "username", "role", "active", "created")
+        for u in session.scalars(select(User).order_by(User.id)):
+            table.add_row(
+                str(u.id),
+                u.username,
+                u.role.value,
+                str(u.is_active),
+                u.created_at.strftime("%Y-%m-%d %H:%M"),
+            )
+        console.print(table)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    user: str = typer.Option(..., help="Username the token acts as."),
+    name: str = typer.Option("default", help="A label to recognise the token by."),
+    expires_days: int | None = typer.Option(None, help="Expire after N days (default: never)."),
+) -> None:
+    """Create an API token; it is printed once and stored only as a keyed hash."""
+    from quarkflow_core.users import create_token, get_user
+
+    with _session() as session:
+        row, plaintext = create_token(
+            session=session,
+            user=get_user(session=session, username=user),
+            secret=_settings().secret_key.get_secret_value(),
+            name=name,
+            expires_in=timedelta(days=expires_days) if expires_days else None,
+        )
+        err_console.print(f"token #{row.id} for {user} (shown once; store it now):")
+        print(plaintext)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: int) -> None:
+    """Revoke a token by id."""
+    from quarkflow_core.users import revoke_token
+
+    with _session() as session:
+        revoke_token(session=session, token_id=token_id)
+    console.print(f"token #{token_id} revoked")
