@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from helpers.data import SEED_SIZE, save_smallcnn
+from helpers.storage import make_gcs
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session
 from quarkflow_core import migrations
 from quarkflow_core.config import get_settings
 from quarkflow_core.database import make_engine
-from quarkflow_core.storage import GCSStorage, LocalStorage, Storage
+from quarkflow_core.storage import LocalStorage, Storage
 
 DEFAULT_PG = "postgresql+psycopg2://quarkflow:quarkflow@127.0.0.1:5432/quarkflow_test"
 DEFAULT_GCS = "http://127.0.0.1:4443"
@@ -151,20 +153,6 @@ def gcs_host(request) -> str:
     return request.config.getoption("--gcs-host")
 
 
-def make_gcs(gcs_host: str) -> GCSStorage:
-    store = GCSStorage(
-        f"qf-test-{uuid.uuid4().hex[:12]}", "pfx", emulator_host=gcs_host, timeout_s=5
-    )
-    try:
-        store.ensure_bucket()
-    except Exception as exc:  # pragma: no cover - environment problem
-        pytest.fail(
-            f"fake-gcs-server not reachable at {gcs_host}: {exc}. "
-            "Run `make test` (it starts it) or scripts/services.sh start."
-        )
-    return store
-
-
 @pytest.fixture(params=["local", "gcs"])
 def storage(request, tmp_path, gcs_host) -> Storage:
     if request.param == "gcs":
@@ -173,23 +161,6 @@ def storage(request, tmp_path, gcs_host) -> Storage:
 
 
 # --------------------------------------------------------------------------- trained models
-
-N_SEED = 600  # seed snapshot used with these models: 480 train + 120 hold-out real digits
-
-
-def save_smallcnn(res, out, **extra):
-    """Save a FitResult of the smallcnn (1 channel) as an artifact; returns its sha256."""
-    from quarkflow_core.ml.artifacts import save_artifact
-
-    return save_artifact(
-        out,
-        model=res.model,
-        architecture="smallcnn",
-        classes=res.classes,
-        in_channels=1,
-        preset=res.preset,
-        **extra,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -206,7 +177,7 @@ def trained_artifacts(tmp_path_factory):
     from quarkflow_core.ml.transforms import eval_preset
 
     preset = eval_preset("digits28")
-    pngs, labels = demo_pngs(N_SEED)
+    pngs, labels = demo_pngs(SEED_SIZE)
     held = np.array(stratified_holdout(labels, fraction=HOLDOUT_FRACTION, seed=SPLIT_SEED))
     train_idx = np.nonzero(~held)[0]
     classes = sorted(set(labels))

@@ -12,8 +12,8 @@ import zlib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers.serving import deploy, local_deploy, seed_and_register, wait_until
 from PIL import Image as PILImage
-from serving_helpers import deploy, local_deploy, seed_and_register, wait_until
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(params=["local", "gcs"])
 def deployment(request, fresh_db_url, tmp_path, trained_artifacts, gcs_host):
     if request.param == "gcs":
-        from conftest import make_gcs
+        from helpers.storage import make_gcs
 
         bucket = make_gcs(gcs_host).bucket_name
         return deploy(

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser_helpers import launch, sign_in
-from serving_helpers import ThreadedServer, free_port, local_deploy, seed_and_register, wait_until
+from helpers.browser import launch, sign_in
+from helpers.serving import ThreadedServer, free_port, local_deploy, seed_and_register, wait_until
 from sqlalchemy.orm import Session
 
 from app.api import create_app

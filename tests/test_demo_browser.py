@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser_helpers import launch
-from serving_helpers import ThreadedServer, free_port, local_deploy, seed_and_register, wait_until
+from helpers.browser import launch
+from helpers.serving import ThreadedServer, free_port, local_deploy, seed_and_register, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette

@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from pg_cluster import private_cluster
+from helpers.pg_cluster import private_cluster
+from helpers.serving import ServerProcess, deploy, free_port, local_deploy, wait_until
 from PIL import Image as PILImage
-from serving_helpers import ServerProcess, deploy, free_port, local_deploy, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -375,7 +375,7 @@ def test_drill_storage_bucket_deleted_and_recreated(
 
     Objects written before the deletion are gone with the bucket (the operator deleted them);
     the images of every prediction *sent after the bucket was gone* must be in the new one."""
-    from conftest import make_gcs
+    from helpers.storage import make_gcs
 
     bucket = make_gcs(gcs_host).bucket_name
     dep = deploy(

@@ -7,7 +7,8 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import deploy
+from helpers.data import SEED_SIZE
+from helpers.serving import deploy
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
@@ -26,7 +27,7 @@ QUICK = {"epochs": 2, "min_epochs": 2, "batch_size": 64, "augment": "none", "exp
 @pytest.fixture
 def loop(prefect_harness, monkeypatch, tmp_path, trained_artifacts):
     """SQLite + local storage named by QF_* (as a worker would see them), the weak model as
-    champion, and the 600-digit seed snapshot."""
+    champion, and the SEED_SIZE-digit seed snapshot."""
     db_url, store_url = f"sqlite:///{tmp_path}/qf.db", f"file://{tmp_path}/store"
     monkeypatch.setenv("QF_DATABASE_URL", db_url)
     monkeypatch.setenv("QF_STORAGE_URL", store_url)
@@ -35,7 +36,7 @@ def loop(prefect_harness, monkeypatch, tmp_path, trained_artifacts):
     dep = deploy(db_url, store_url, tmp_path / "qf", trained_artifacts["weak"])
     engine = dep.engine()
     with Session(engine) as s:
-        seed_demo(session=s, storage=dep.storage(), limit=600)
+        seed_demo(session=s, storage=dep.storage(), limit=SEED_SIZE)
         s.commit()
     yield dep, engine
     engine.dispose()
@@ -138,11 +139,11 @@ def test_label_count_trigger_starts_the_retrain_deployment(loop, monkeypatch):
     get_settings.cache_clear()
     assert label_trigger(launch=False)["due"] is False
     # three experts' answers about three predictions arrive
-    pngs, labels = demo_pngs(603)
+    pngs, labels = demo_pngs(SEED_SIZE + 3)
     from quarkflow_core.images import probe_image
 
     records = []
-    for i in (600, 601, 602):
+    for i in range(SEED_SIZE, SEED_SIZE + 3):
         info = probe_image(pngs[i])
         pid = f"00000000-0000-0000-0000-00000000{i:04d}"
         records.append(

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 import torch
+from helpers.data import SEED_SIZE
 from sqlalchemy import select
 
 from quarkflow_core import registry
@@ -158,7 +159,7 @@ def test_the_detectable_difference_shrinks_as_the_hold_out_grows():
 
 def _train(out, images, labels, *, epochs: int):
     """Train, calibrate on the validation carve-out and save, as ``train_from_snapshot`` does."""
-    from conftest import save_smallcnn
+    from helpers.data import save_smallcnn
 
     from quarkflow_core.ml.calibration import fit_temperature
     from quarkflow_core.ml.data import ImageSet
@@ -194,7 +195,7 @@ def models(tmp_path_factory):
     from quarkflow_core.ml.transforms import eval_preset
 
     preset = eval_preset("digits28")
-    pngs, labels = demo_pngs(600)
+    pngs, labels = demo_pngs(SEED_SIZE)
     held = np.array(stratified_holdout(labels, fraction=HOLDOUT_FRACTION, seed=SPLIT_SEED))
     idx = np.nonzero(~held)[0]
     images = torch.from_numpy(np.stack([decode(pngs[i], preset) for i in idx]))
@@ -316,13 +317,13 @@ def test_the_gate_passes_a_detectably_better_candidate_and_fails_a_worse_one(
     db_session, tmp_path, models
 ):
     s, storage, cache = db_session, LocalStorage(tmp_path / "store"), tmp_path / "cache"
-    seed_demo(session=s, storage=storage, limit=600)  # 480 train + 120 hold-out
+    seed_demo(session=s, storage=storage, limit=SEED_SIZE)  # 480 train + 120 hold-out
     s.commit()
     pngs, labels = demo_pngs(1000)
     lead = create_user(session=s, username="gate-lead", role=Role.ML_LEAD)
     predictor = Predictor.from_artifact(models["champion"], version=None)
     # 400 unseen digits predicted and answered: 20% of them (8 per class) join the hold-out
-    _predict_and_answer(s, storage, predictor, pngs, labels, range(600, 1000))
+    _predict_and_answer(s, storage, predictor, pngs, labels, range(SEED_SIZE, 1000))
     snap, _, rep = build_training_snapshot(session=s, holdout_share=0.2)
     assert rep["holdout"] == 200
     s.commit()

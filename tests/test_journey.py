@@ -35,9 +35,9 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from browser_helpers import launch, sign_in
+from helpers.browser import launch, sign_in
+from helpers.serving import free_port, wait_until
 from PIL import Image as PILImage
-from serving_helpers import free_port, wait_until
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 

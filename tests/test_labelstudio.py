@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import TcpProxy, ThreadedServer, deploy, local_deploy, wait_until
+from helpers.serving import TcpProxy, ThreadedServer, deploy, local_deploy, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -253,7 +253,7 @@ def test_sync_with_images_read_from_the_gcs_emulator(
 ):
     """Storage is gs://: tasks carry gs:// URLs and Label Studio reads the images through its
     GCS import storage from fake-gcs-server (STORAGE_EMULATOR_HOST in its environment)."""
-    from conftest import make_gcs
+    from helpers.storage import make_gcs
 
     bucket = make_gcs(gcs_host).bucket_name
     dep = deploy(

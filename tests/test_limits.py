@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI, File, UploadFile
+from helpers.serving import ServerProcess, free_port, local_deploy, wait_until
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageOps
-from serving_helpers import ServerProcess, free_port, local_deploy, wait_until
 
 from app.api import STATUS, BodyLimits
 from quarkflow_core.demo import demo_pngs

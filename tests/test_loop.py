@@ -10,7 +10,7 @@ import hashlib
 
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import deploy, wait_until
+from helpers.serving import deploy, wait_until
 from sqlalchemy.orm import Session
 
 from app.api import create_app

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import save_smallcnn
+from helpers.data import save_smallcnn
 from scipy.stats import binomtest
 from sqlalchemy import select
 

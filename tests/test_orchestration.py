@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from serving_helpers import free_port
+from helpers.serving import free_port
 
 from quarkflow_core.orchestration import stop_process, wait_for_http
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import deploy, local_deploy, wait_until
+from helpers.serving import deploy, local_deploy, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_missing_bucket_is_an_outage_and_a_missing_object_is_not(gcs_host):
-    from conftest import make_gcs
+    from helpers.storage import make_gcs
 
     store = make_gcs(gcs_host)
     store.put("a/b.txt", b"x")
@@ -205,7 +205,7 @@ def test_sqlite_review_decisions_never_find_the_database_locked(tmp_path, traine
     import threading
 
     import httpx
-    from serving_helpers import ServerProcess, free_port
+    from helpers.serving import ServerProcess, free_port
 
     dep = local_deploy(tmp_path, trained_artifacts["strong"])
     server = ServerProcess(

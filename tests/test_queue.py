@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import local_deploy, seed_and_register, wait_until
+from helpers.serving import local_deploy, seed_and_register, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 import torch
+from helpers.data import SEED_SIZE
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
@@ -32,7 +33,6 @@ from quarkflow_core.storage import LocalStorage
 from quarkflow_core.users import create_user
 
 PRESET = eval_preset("digits28")
-N_SEED = 600  # the seed snapshot in these tests: 480 train + 120 hold-out real digits
 # Thresholds loose enough that "better" on 120 hold-out images passes; the strict defaults
 # are exercised by the policy unit tests below.
 LOOSE = PolicyConfig(max_class_recall_drop=0.3, max_ece_increase=0.3)
@@ -52,7 +52,7 @@ def artifacts(trained_artifacts):
 def env(db_session, tmp_path):
     """Seeded database + local storage + users of every role."""
     storage = LocalStorage(tmp_path / "store")
-    seed_demo(session=db_session, storage=storage, limit=N_SEED)
+    seed_demo(session=db_session, storage=storage, limit=SEED_SIZE)
     users = {
         role: create_user(session=db_session, username=f"u-{role.value}", role=role)
         for role in Role
@@ -415,7 +415,7 @@ def test_two_leads_approving_at_once_leave_exactly_one_champion(fresh_db_url, ar
     cache = tmp_path / "cache"
     try:
         with Session(engine, expire_on_commit=False) as s:
-            seed_demo(session=s, storage=storage, limit=N_SEED)
+            seed_demo(session=s, storage=storage, limit=SEED_SIZE)
             for name in ("lead-a", "lead-b"):
                 create_user(session=s, username=name, role=Role.ML_LEAD)
             s.commit()

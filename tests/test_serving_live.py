@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from serving_helpers import (
+from helpers.serving import (
     ServerProcess,
     TcpProxy,
     ThreadedServer,
@@ -52,7 +52,7 @@ def test_outage_then_kill9_loses_nothing(pg_factory, gcs_host, tmp_path, trained
     """Postgres and fake-gcs-server go down (their TCP proxies cut), predictions and feedback
     are still answered, the server is killed with SIGKILL before it could flush, the services
     come back, a restarted server flushes: every acknowledged record arrives."""
-    from conftest import make_gcs
+    from helpers.storage import make_gcs
 
     pg_url = pg_factory.create()
     bucket = make_gcs(gcs_host).bucket_name

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from serving_helpers import free_port, wait_until
+from helpers.serving import free_port, wait_until
 
 from quarkflow_core.supervisor import port_free
 

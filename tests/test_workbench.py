@@ -9,7 +9,8 @@ import re
 
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import local_deploy, seed_and_register, wait_until
+from helpers.data import SEED_SIZE
+from helpers.serving import local_deploy, seed_and_register, wait_until
 from streamlit.testing.v1 import AppTest
 
 from app.api import create_app
@@ -41,9 +42,9 @@ def filled(tmp_path_factory, trained_artifacts):
     dep = local_deploy(tmp, trained_artifacts["weak"])
     seed_and_register(dep, trained_artifacts["strong"])
     app = create_app(dep.settings(review_threshold=0.9), with_demo=False, watch=False)
-    pngs, labels = demo_pngs(640)
+    pngs, labels = demo_pngs(SEED_SIZE + 40)
     with TestClient(app) as client:
-        for i in range(600, 640):
+        for i in range(SEED_SIZE, SEED_SIZE + 40):
             r = client.post(
                 "/api/v1/predictions",
                 files={"file": ("x.png", pngs[i], "image/png")},

@@ -9,7 +9,8 @@ import sys
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import deploy, free_port, wait_until
+from helpers.data import SEED_SIZE
+from helpers.serving import deploy, free_port, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,7 +27,7 @@ def test_worker_serves_deployments_and_runs_retrain_on_demand(tmp_path, trained_
     dep = deploy(db_url, store_url, tmp_path / "qf", trained_artifacts["weak"])
     engine = dep.engine()
     with Session(engine) as s:
-        seed_demo(session=s, storage=dep.storage(), limit=600)
+        seed_demo(session=s, storage=dep.storage(), limit=SEED_SIZE)
         s.commit()
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"

@@ -8,9 +8,9 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from helpers.serving import ThreadedServer, deploy, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_helpers import ThreadedServer, deploy, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 

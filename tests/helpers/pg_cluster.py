@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from serving_helpers import free_port, wait_until
 from sqlalchemy import text
 
+from helpers.serving import free_port, wait_until
 from quarkflow_core.database import make_engine
 
 

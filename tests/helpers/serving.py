@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy.orm import Session
 
+from helpers.data import SEED_SIZE
 from quarkflow_core import migrations, registry
 from quarkflow_core.config import load_settings
 from quarkflow_core.database import make_engine
@@ -126,14 +127,14 @@ def local_deploy(root: Path, champion: Path | None) -> Deployment:
 
 
 def seed_and_register(dep: Deployment, artifact: Path, *, as_challenger: bool = True):
-    """Seed 600 demo digits (the hold-out a comparison needs) and register ``artifact``
+    """Seed the SEED_SIZE demo digits (the hold-out a comparison needs) and register ``artifact``
     (as the challenger by default); returns its version row."""
     from quarkflow_core.demo import seed_demo
 
     engine = dep.engine()
     try:
         with Session(engine, expire_on_commit=False) as s:
-            seed_demo(session=s, storage=dep.storage(), limit=600)
+            seed_demo(session=s, storage=dep.storage(), limit=SEED_SIZE)
             s.commit()
             return registry.register_version(
                 session=s,
