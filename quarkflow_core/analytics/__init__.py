@@ -1,0 +1,47 @@
+"""Aggregations for the workbench, computed in SQL (time buckets, GROUP BY, indexes on
+created_at): pages never load all rows. Works on Postgres (date_trunc, percentile_cont) and
+SQLite (strftime; the same interpolated percentiles by ORDER BY/OFFSET over the filtered
+range): both give the same numbers (tests/test_analytics.py).
+
+One kind of reader per module: ``filters`` (``Filters``, shared by all queries),
+``monitoring`` (``overview``, ``confidence_histogram``, ``class_distribution``, ``drift``),
+``listings`` (predictions, feedback, training runs, snapshot diffs), ``api_metrics``
+(``api_request_counts``, from the API's /metrics rather than the database). Callers import from
+``quarkflow_core.analytics``.
+"""
+
+from __future__ import annotations
+
+from quarkflow_core.analytics.api_metrics import api_request_counts
+from quarkflow_core.analytics.filters import Filters
+from quarkflow_core.analytics.listings import (
+    count_predictions,
+    list_predictions,
+    prediction_feedback,
+    recent_feedback,
+    snapshot_diff,
+    training_runs,
+)
+from quarkflow_core.analytics.monitoring import (
+    BUCKETS,
+    class_distribution,
+    confidence_histogram,
+    drift,
+    overview,
+)
+
+__all__ = [
+    "BUCKETS",
+    "Filters",
+    "api_request_counts",
+    "class_distribution",
+    "confidence_histogram",
+    "count_predictions",
+    "drift",
+    "list_predictions",
+    "overview",
+    "prediction_feedback",
+    "recent_feedback",
+    "snapshot_diff",
+    "training_runs",
+]
