@@ -41,7 +41,11 @@ def storage():
 
 @contextmanager
 def session() -> Iterator[Session]:
-    with Session(_engine(settings().database_url), expire_on_commit=False) as s:
+    """``database.session_scope`` on the cached engine: a page's block is one transaction,
+    committed when it ends, rolled back when it raises."""
+    from quarkflow_core.database import session_scope
+
+    with session_scope(_engine(settings().database_url)) as s:
         yield s
 
 
@@ -49,9 +53,14 @@ def user() -> dict[str, Any] | None:
     return st.session_state.get("user")
 
 
-def has_role(*roles: Role) -> bool:
+def can(*roles: Role) -> bool:
+    """Whether the signed-in user's role (as at sign-in) may do what ``roles`` may: for
+    showing pages and forms only. The core checks the role in the database again, and audits
+    a refusal, when the action runs (``users.authorize``)."""
+    from quarkflow_core.users import can as role_can
+
     u = user()
-    return bool(u) and (u["role"] in {r.value for r in roles} or u["role"] == Role.ADMIN.value)
+    return bool(u) and role_can(u["role"], roles)
 
 
 def db_user(s: Session):

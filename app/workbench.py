@@ -50,7 +50,7 @@ else:
         page("overview", "Overview", ":material/monitoring:"),
         page("predictions", "Predictions", ":material/image:"),
     ]
-    if wb.has_role(Role.ANALYST, Role.ML_LEAD):
+    if wb.can(Role.ANALYST, Role.ML_LEAD):
         pages += [
             page("review", "Review queue", ":material/rate_review:"),
             page("datasets", "Datasets", ":material/dataset:"),

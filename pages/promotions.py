@@ -73,7 +73,7 @@ def body() -> None:
     st.title("Promotions")
     if message := st.session_state.pop("promotions-done", None):
         st.success(message)
-    lead = wb.has_role(Role.ML_LEAD)
+    lead = wb.can(Role.ML_LEAD)
     with wb.session() as s:
         named = {a: v.version for a, v in registry.aliases(session=s).items()}
         versions = [v.version for v in registry.list_versions(session=s)]

@@ -128,7 +128,6 @@ def body() -> None:
                 )
             else:
                 dismiss_as_noise(session=s, item_id=item["id"], user=wb.db_user(s))
-            s.commit()
         st.success("Saved.")
         st.rerun()
     if send:

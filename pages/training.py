@@ -83,7 +83,7 @@ REFRESH_S = 5  # the runs table and curves follow a retrain on the worker
 
 def body() -> None:
     st.title("Training runs")
-    lead = wb.has_role(Role.ML_LEAD)
+    lead = wb.can(Role.ML_LEAD)
     if lead:
         # Enter does not submit: a number typed and confirmed must not start a second run
         with st.form("retrain", enter_to_submit=False):
@@ -91,12 +91,19 @@ def body() -> None:
             kfold = st.number_input("k-fold (0 = off)", 0, 10, 0)
             go = st.form_submit_button("Start retrain on the worker")
         if go:
-            from quarkflow_core.orchestration import trigger_deployment
+            from quarkflow_core.orchestration import start_retrain
 
-            run = trigger_deployment(
-                wb.settings().prefect_api_url,
-                parameters={"epochs": int(epochs), "kfold": int(kfold)},
-            )
+            # the user is read in a transaction of its own: on SQLite a write transaction
+            # must start with its write (database.begin_write)
+            with wb.session() as s:
+                actor = wb.db_user(s)
+            with wb.session() as s:
+                run = start_retrain(
+                    session=s,
+                    actor=actor,
+                    api_url=wb.settings().prefect_api_url,
+                    parameters={"epochs": int(epochs), "kfold": int(kfold)},
+                )
             st.success(
                 f"retrain started on the worker: flow run {run}. It appears below within "
                 "seconds and registers a challenger when it finishes."

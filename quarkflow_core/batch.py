@@ -51,7 +51,8 @@ def predict_keys(
     batch_size: int = 32,
 ) -> dict[str, Any]:
     """Predict the images at ``keys`` in ``source`` and log them (blobs to ``storage``, rows to
-    the database) in one transaction. Invalid files are reported, not logged."""
+    the database) in the caller's transaction (it commits). Invalid files are reported, not
+    logged."""
     records, errors, done = [], [], []
     for start in range(0, len(keys), batch_size):
         chunk = keys[start : start + batch_size]
@@ -86,7 +87,6 @@ def predict_keys(
             done.append(key)
     begin_write(session)
     apply_records(session, storage, records)
-    session.commit()
     shas = [r.payload["image"]["sha256"] for r in records]
     items = dict(
         session.execute(

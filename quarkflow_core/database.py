@@ -1,4 +1,31 @@
-"""Engines and sessions. Nothing connects at import; engines are built on first use and cached."""
+"""Engines and sessions. Nothing connects at import; engines are built on first use and cached.
+
+**One transaction rule.** Every entry point opens its sessions with ``session_scope``: the API
+(``service.session()``, behind the routes' ``DbSession``), the workbench (``app.wb.session``),
+the flows (``flows.common.db``) and the CLI (``app.cli.common._session``). The edge (a route, a
+command, a flow task, a page callback) owns the transaction: the scope commits once when the
+block ends and rolls back when it raises. Core functions flush but do not commit, except these,
+which commit in steps by design:
+
+* ``users.authorize``: a refusal is audited in its own committed transaction, so it outlives
+  the caller's rollback;
+* the registry's writes (``register_version``, ``set_challenger``, ``approve``, ``reject``,
+  ``rollback``): each takes the registry lock in a fresh transaction (``events._lock`` ends the
+  caller's) and commits the alias move with its event and audit row as one transaction; a
+  refused decision is audited and committed like a refusal;
+* ``queue.rescore`` (minutes of scoring: one commit per chunk, no lock held while scoring);
+* ``training.train`` (the run row is committed when it starts, after every epoch and when it
+  fails, so the workbench follows it live and a crash leaves a failed run, not a running one);
+* ``review.push_review_items`` / ``review.sync`` (a Label Studio task id is committed as soon as
+  the task exists, so a crash never sends an item twice);
+* ``demo.bootstrap_champion`` (made of registry writes);
+* the outbox's dead-letter replay / discard (audited and committed before the outbox file
+  changes).
+
+The service's background work (the outbox flusher, recording token use, re-scoring after a
+swap) is an edge of its own: one scope per batch. Calling a function that commits inside a
+larger unit of work ends that unit there: call it last, or on its own. docs/architecture.md
+("Sessions and transactions") says the same for people."""
 
 from __future__ import annotations
 
@@ -62,12 +89,14 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def session_factory(engine: Engine | None = None) -> sessionmaker[Session]:
+    """Sessions on ``engine`` (default: ``get_engine()``); loaded attributes survive a commit."""
     return sessionmaker(bind=engine or get_engine(), expire_on_commit=False)
 
 
 @contextmanager
 def session_scope(engine: Engine | None = None) -> Iterator[Session]:
-    """A session that commits on success and rolls back on any error."""
+    """The one way an entry point gets a session: it commits when the block ends and rolls
+    back on any error (Streamlit's rerun and stop included), then closes."""
     session = session_factory(engine)()
     try:
         yield session

@@ -189,7 +189,8 @@ def bootstrap_champion(
     *, session: Session, storage: Storage, artifact_dir, cache_root
 ) -> tuple[int, bool]:
     """Register the demo artifact and, when there is no champion yet, approve it through the
-    normal approval path as a demo ml_lead user (created here). Returns (version, promoted)."""
+    normal approval path as a demo ml_lead user (created here). Returns (version, promoted).
+    Commits, like the registry writes it is made of."""
     from quarkflow_core import registry
     from quarkflow_core.schema import Role
     from quarkflow_core.users import ensure_user
@@ -201,7 +202,7 @@ def bootstrap_champion(
         password=DEMO_LEAD_PASSWORD,
         display_name="Demo ML lead",
     )
-    session.commit()
+    session.commit()  # by design: no write lock held through the upload and the comparison
     row = registry.register_version(
         session=session, storage=storage, artifact_dir=artifact_dir, created_by=DEMO_LEAD
     )

@@ -1,5 +1,6 @@
 """Starting a local Prefect server when none is configured (for `quarkflow worker`), and the
-two process chores that goes with: waiting for an HTTP service, stopping a child process."""
+two process chores that goes with: waiting for an HTTP service, stopping a child process;
+starting a deployment's flow run, and the audited ``start_retrain``."""
 
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import httpx
 
 from quarkflow_core.errors import ConfigError
+from quarkflow_core.schema import Role
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from quarkflow_core.users import Actor
 
 
 @contextmanager
@@ -99,3 +107,29 @@ def trigger_deployment(
             f"QF_PREFECT_API_URL: could not start {name} on {api_url}: {exc}"
         ) from None
     return str(run.id)
+
+
+def start_retrain(
+    *, session: Session, actor: Actor, api_url: str | None, parameters: dict | None = None
+) -> str:
+    """``retrain.start``: an ML lead starts the retrain deployment on the worker (the API, the
+    workbench's Training runs page, ``quarkflow retrain --deployment``). Checked with
+    ``users.authorize``; audited "ok" in the caller's transaction once the run exists. Returns
+    the flow run id."""
+    from quarkflow_core.users import authorize, record_audit
+
+    action = "retrain.start"
+    authorize(
+        session, actor=actor, allowed={Role.ML_LEAD}, action=action, what="starting a retrain"
+    )
+    run_id = trigger_deployment(api_url, parameters=parameters)
+    record_audit(
+        session=session,
+        actor=actor,
+        action=action,
+        outcome="ok",
+        target_type="flow_run",
+        target_id=run_id,
+        detail={"deployment": RETRAIN_DEPLOYMENT, "parameters": parameters or {}},
+    )
+    return run_id

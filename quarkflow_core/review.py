@@ -9,7 +9,11 @@
   (``queue.settle``): annotators' majority W; if the annotators tie, or a person's feedback
   named a different label than W, the item is ``disputed`` (and left out of training) until
   someone resolves it; otherwise it is ``resolved`` with W, the image's training label.
-* **resolve / dismiss** by an analyst or ML lead (audited, and final).
+* **resolve / dismiss** by an analyst or ML lead (audited, and final); they do not commit: the
+  caller (route, page) does, so the item and its audit row land together.
+
+Push and ``sync`` commit by design (see ``quarkflow_core.database``): a task id is committed as
+soon as the task exists in Label Studio, and a sync is committed when it returns.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from quarkflow_core.schema import (
     Role,
     User,
 )
-from quarkflow_core.users import record_audit, require_role
+from quarkflow_core.users import authorize, record_audit
 
 PUSHABLE = (ReviewState.OPEN,)
 
@@ -169,7 +173,8 @@ def sync(
     project: Project,
     image_url: Callable[[Image], str],
 ) -> dict[str, Any]:
-    """Push open items, then pull every annotation: the periodic fallback for webhooks."""
+    """Push open items, then pull every annotation: the periodic fallback for webhooks.
+    Commits (push already commits per item)."""
     pushed = push_review_items(session=session, studio=studio, project=project, image_url=image_url)
     pulled = record_annotations(session=session, pulled=studio.annotations(project))
     session.commit()
@@ -181,7 +186,7 @@ def sync(
 
 def _decide(session: Session, *, item_id: int, user: User, action: str) -> ReviewItem:
     """The checks every decision on an item shares: role analyst or ml_lead, item exists."""
-    require_role(session=session, user=user, allowed={Role.ANALYST, Role.ML_LEAD}, action=action)
+    authorize(session, actor=user, allowed={Role.ANALYST, Role.ML_LEAD}, action=action)
     item = session.get(ReviewItem, item_id)
     if item is None:
         raise NotFound(f"no review item {item_id}")

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core import registry
 from quarkflow_core.config import Settings
-from quarkflow_core.database import begin_write, make_engine
+from quarkflow_core.database import begin_write, make_engine, session_scope
 from quarkflow_core.errors import (
     AuthenticationFailed,
     DatabaseUnavailable,
@@ -65,14 +66,17 @@ TOKEN_TOUCH_S = 60.0  # last_used_at is recorded at most this often per token
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling, detached from any database session."""
+    """Who is calling, detached from any database session. An ``users.Actor``: pass it to
+    ``users.authorize`` (the one role check) as it is."""
 
     user_id: int | None
     username: str
     role: Role
 
-    def has(self, *roles: Role) -> bool:
-        return self.role in roles or self.role == Role.ADMIN
+    @property
+    def id(self) -> int | None:
+        """The user's id, as the audit log records it (None: the anonymous demo user)."""
+        return self.user_id
 
 
 ANONYMOUS = Principal(None, "anonymous", Role.DOMAIN_EXPERT)
@@ -216,8 +220,10 @@ class PredictionService:
         self.outbox.close()
         self.engine.dispose()
 
-    def session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+    def session(self) -> AbstractContextManager[Session]:
+        """``database.session_scope`` on this service's engine: committed when the block ends,
+        rolled back when it raises (the API's routes run inside one)."""
+        return session_scope(self.engine)
 
     # ------------------------------------------------------------------ model
 
@@ -340,7 +346,6 @@ class PredictionService:
             with self.session() as s:
                 begin_write(s)
                 touch_token(session=s, token_hash=token_hash)
-                s.commit()
             return time.monotonic()
         except (OperationalError, DatabaseUnavailable):
             return None
@@ -436,7 +441,6 @@ class PredictionService:
         with self.session() as s:
             begin_write(s)
             apply_records(s, self.storage, records, blobs_stored=True)
-            s.commit()
 
     def get_prediction(self, prediction_id: str) -> dict[str, Any]:
         pending = self.outbox.find(prediction_id, PREDICTION)

@@ -1,10 +1,22 @@
-"""Users, roles, API tokens and the audit log."""
+"""Users, roles, API tokens, the audit log, and the one authorization check.
+
+Who acts is an ``Actor``: a ``User`` row (CLI ``--user``, workbench, flows), the API's
+``service.Principal`` (the bearer token's user), or the ``Operator`` at the command line (the
+bootstrap path: users and tokens). ``authorize`` is the only place a role is checked for an
+action: admin may do everything; a refusal is written to ``audit_log`` (outcome ``denied``) in
+its own committed transaction and raises ``PermissionDenied``. A privileged action that goes
+ahead writes its ``ok`` row with ``record_audit`` under the same action name, in the action's
+own transaction, so the row commits or rolls back with what it records. ``can`` is the same
+rule without the side effects, for UI decisions only (show a form, hide a button)."""
 
 from __future__ import annotations
 
+import getpass
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -25,6 +37,38 @@ USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{2,64}$")
 
 def parse_role(value: str | Role) -> Role:
     return parse_enum(Role, value, "role")
+
+
+class Actor(Protocol):
+    """Who acts, as the audit log records it: a ``User``, the API's ``Principal`` or the
+    ``Operator``."""
+
+    @property
+    def id(self) -> int | None: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def role(self) -> Role: ...
+
+
+@dataclass(frozen=True)
+class Operator:
+    """Whoever runs ``quarkflow`` with the database's credentials: the bootstrap path that
+    creates the first admin and issues tokens. It could write the rows itself, so it holds the
+    admin role; it is audited with no user id, as ``cli:<login>``."""
+
+    login: str
+    id: None = None
+    role: Role = Role.ADMIN
+
+    @property
+    def username(self) -> str:
+        return f"cli:{self.login}"[:64]
+
+    @classmethod
+    def current(cls) -> Operator:
+        """The operator running this process (the login name of the OS user)."""
+        return cls(getpass.getuser())
 
 
 def create_user(
@@ -130,16 +174,17 @@ def revoke_token(*, session: Session, token_id: int) -> None:
 def record_audit(
     *,
     session: Session,
-    actor: User | None,
+    actor: Actor | None,
     action: str,
     outcome: str,
     target_type: str | None = None,
     target_id: str | int | None = None,
     detail: dict[str, Any] | None = None,
 ) -> AuditLog:
+    """One audit row in the session's transaction (``actor`` None: the system itself)."""
     row = AuditLog(
-        actor_id=actor.id if actor else None,
-        actor=actor.username if actor else None,
+        actor_id=None if actor is None else actor.id,
+        actor=None if actor is None else actor.username,
         action=action,
         outcome=outcome,
         target_type=target_type,
@@ -151,23 +196,142 @@ def record_audit(
     return row
 
 
-def require_role(*, session: Session, user: User, allowed: set[Role], action: str) -> None:
-    """Refuse (and audit the refusal) unless the user's role is allowed; admin always is."""
-    if user.role in allowed or user.role == Role.ADMIN:
+# --------------------------------------------------------------------------- authorization
+
+
+def _roles(allowed: Iterable[Role | str]) -> frozenset[Role]:
+    return frozenset(parse_role(r) for r in allowed)
+
+
+def can(role: Role | str | None, allowed: Iterable[Role | str]) -> bool:
+    """Whether ``role`` may do what the ``allowed`` roles may (admin may do everything).
+
+    Pure: for UI decisions such as showing a form. A refusal goes through ``authorize``."""
+    if role is None:
+        return False
+    role = parse_role(role)
+    return role == Role.ADMIN or role in _roles(allowed)
+
+
+@dataclass(frozen=True)
+class _Who:
+    """The actor's audit fields, read before the caller's transaction ends."""
+
+    id: int | None
+    username: str
+    role: Role
+
+
+def authorize(
+    session: Session,
+    *,
+    actor: Actor,
+    allowed: Iterable[Role | str],
+    action: str,
+    what: str | None = None,
+    target_type: str | None = None,
+    target_id: str | int | None = None,
+) -> None:
+    """The one authorization check: return if ``actor``'s role is allowed (admin always is);
+    otherwise audit the refusal and raise ``PermissionDenied``.
+
+    Call it before the action writes anything. The refusal (outcome ``denied``, the actor,
+    ``detail`` = their role and the allowed roles) must outlive the caller's rollback, so it is
+    committed here, in a transaction of its own that takes SQLite's write lock first
+    (``database.begin_write``); the caller's transaction is committed before it. ``what``
+    names the action for people ("reading the review queue"; default: ``action``)."""
+    roles = _roles(allowed)
+    if can(actor.role, roles):
         return
-    # The refusal must outlive the caller's rollback: it is written in its own transaction,
-    # which takes the write lock first (see database.begin_write).
+    who = _Who(actor.id, actor.username, parse_role(actor.role))
+    names = sorted(r.value for r in roles)
     session.commit()
     begin_write(session)
     record_audit(
         session=session,
-        actor=user,
+        actor=who,
         action=action,
         outcome="denied",
-        detail={"role": user.role.value, "allowed": sorted(r.value for r in allowed)},
+        target_type=target_type,
+        target_id=target_id,
+        detail={"role": who.role.value, "allowed": names},
     )
     session.commit()
-    allowed_txt = " or ".join(sorted(r.value for r in allowed))
     raise PermissionDenied(
-        f"{action} needs role {allowed_txt}; {user.username} is {user.role.value}"
+        f"{what or action} needs role {' or '.join(names)}; {who.username} is {who.role.value}"
+    )
+
+
+# --------------------------------------------------------------------------- privileged actions
+# Checked with ``authorize`` and audited "ok" in the caller's transaction (the edge commits).
+
+
+def admin_create_user(
+    *,
+    session: Session,
+    actor: Actor,
+    username: str,
+    role: str | Role,
+    password: str | None = None,
+    display_name: str | None = None,
+) -> User:
+    """``users.create``: an admin (or the ``Operator``) creates a user."""
+    authorize(session, actor=actor, allowed={Role.ADMIN}, action="users.create")
+    user = create_user(
+        session=session,
+        username=username,
+        role=role,
+        password=password,
+        display_name=display_name,
+    )
+    record_audit(
+        session=session,
+        actor=actor,
+        action="users.create",
+        outcome="ok",
+        target_type="user",
+        target_id=user.username,
+        detail={"role": user.role.value},
+    )
+    return user
+
+
+def admin_create_token(
+    *,
+    session: Session,
+    actor: Actor,
+    username: str,
+    secret: str,
+    name: str = "default",
+    expires_in: timedelta | None = None,
+) -> tuple[ApiToken, str]:
+    """``tokens.create``: an admin (or the ``Operator``) issues a token for ``username``."""
+    authorize(session, actor=actor, allowed={Role.ADMIN}, action="tokens.create")
+    owner = get_user(session=session, username=username)
+    token, plaintext = create_token(
+        session=session, user=owner, secret=secret, name=name, expires_in=expires_in
+    )
+    record_audit(
+        session=session,
+        actor=actor,
+        action="tokens.create",
+        outcome="ok",
+        target_type="api_token",
+        target_id=token.id,
+        detail={"user": owner.username, "name": name, "prefix": token.prefix},
+    )
+    return token, plaintext
+
+
+def admin_revoke_token(*, session: Session, actor: Actor, token_id: int) -> None:
+    """``tokens.revoke``: an admin (or the ``Operator``) revokes a token."""
+    authorize(session, actor=actor, allowed={Role.ADMIN}, action="tokens.revoke")
+    revoke_token(session=session, token_id=token_id)
+    record_audit(
+        session=session,
+        actor=actor,
+        action="tokens.revoke",
+        outcome="ok",
+        target_type="api_token",
+        target_id=token_id,
     )

@@ -15,10 +15,10 @@ from quarkflow_core.schema import ApiToken, AuditLog, ImmutableRowError, Role
 from quarkflow_core.users import (
     authenticate_password,
     authenticate_token,
+    authorize,
     create_token,
     create_user,
     record_audit,
-    require_role,
     revoke_token,
 )
 
@@ -75,13 +75,11 @@ def test_expired_token_is_refused(db_session):
 def test_refusal_is_audited(db_session):
     analyst = create_user(session=db_session, username="dan", role="analyst")
     with pytest.raises(PermissionDenied, match="needs role ml_lead"):
-        require_role(
-            session=db_session, user=analyst, allowed={Role.ML_LEAD}, action="models.approve"
-        )
+        authorize(db_session, actor=analyst, allowed={Role.ML_LEAD}, action="models.approve")
     entry = db_session.scalar(select(AuditLog).where(AuditLog.actor == "dan"))
     assert entry.outcome == "denied" and entry.action == "models.approve"
     lead = create_user(session=db_session, username="eve", role="ml_lead")
-    require_role(session=db_session, user=lead, allowed={Role.ML_LEAD}, action="models.approve")
+    authorize(db_session, actor=lead, allowed={Role.ML_LEAD}, action="models.approve")
 
 
 def test_audit_rows_are_immutable_in_the_orm(db_session):

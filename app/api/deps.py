@@ -1,6 +1,7 @@
 """What routes depend on: the service and settings :func:`app.api.create_app` was built with
-(from ``app.state``, not closures), who is calling, role checks, a database session, and the
-checked X-Request-Id."""
+(from ``app.state``, not closures), who is calling, a database session (the route's one
+transaction), and the checked X-Request-Id. Roles are checked by the core, with
+``quarkflow_core.users.authorize`` (the caller's ``Principal`` is an actor as it is)."""
 
 from collections.abc import Iterator
 from typing import Annotated
@@ -10,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.config import Settings
 from quarkflow_core.errors import AuthenticationFailed, InvalidInput, PermissionDenied
-from quarkflow_core.schema import Role, User
+from quarkflow_core.schema import User
 from quarkflow_core.service import ANONYMOUS, PredictionService, Principal
 
 
@@ -47,20 +48,13 @@ Who = Annotated[Principal, Depends(principal)]
 
 
 def db_session(service: Service) -> Iterator[Session]:
-    """A session around the route function: closed (rolled back unless committed) when it
-    returns or raises, before the response is sent."""
+    """The route's one transaction (``database.session_scope``): committed when the route
+    returns, rolled back when it raises, closed before the response is sent."""
     with service.session() as session:
         yield session
 
 
 DbSession = Annotated[Session, Depends(db_session, scope="function")]
-
-
-def need(who: Principal, *roles: Role, action: str) -> None:
-    """Refuse ``action`` unless ``who`` has one of ``roles`` (admin has every role)."""
-    if not who.has(*roles):
-        allowed = " or ".join(sorted(r.value for r in roles))
-        raise PermissionDenied(f"{action} needs role {allowed}; {who.username} is {who.role}")
 
 
 def db_user(session: Session, who: Principal) -> User:

@@ -4,11 +4,12 @@ retrain."""
 from fastapi import APIRouter
 from sqlalchemy.orm import Session
 
-from app.api.deps import AppSettings, DbSession, Service, Who, db_user, need
+from app.api.deps import AppSettings, DbSession, Service, Who, db_user
 from app.api.schemas import ERRORS, DecisionIn, ModelRef, RetrainIn, RollbackIn
 from quarkflow_core import registry
-from quarkflow_core.orchestration import trigger_deployment
+from quarkflow_core.orchestration import start_retrain as start_retrain_run
 from quarkflow_core.schema import ModelVersion, PromotionEvent, Role
+from quarkflow_core.users import authorize
 
 router = APIRouter()
 
@@ -64,7 +65,13 @@ def proposal(
     ref: ModelRef, who: Who, service: Service, settings: AppSettings, s: DbSession
 ) -> dict:
     """The policy's verdict on making this version champion, with the evidence."""
-    need(who, Role.ANALYST, Role.ML_LEAD, action="reading promotion evidence")
+    authorize(
+        s,
+        actor=who,
+        allowed={Role.ANALYST, Role.ML_LEAD},
+        action="models.proposal",
+        what="reading promotion evidence",
+    )
     p = registry.propose(
         session=s,
         storage=service.storage,
@@ -119,8 +126,9 @@ def rollback(body: RollbackIn, who: Who, service: Service, s: DbSession) -> dict
 
 
 @router.post("/api/v1/retrain", status_code=202, tags=["models"], responses=ERRORS)
-def start_retrain(body: RetrainIn, who: Who, settings: AppSettings) -> dict:
+def start_retrain(body: RetrainIn, who: Who, settings: AppSettings, s: DbSession) -> dict:
     """Start the `retrain` deployment on the Prefect worker (role ml_lead)."""
-    need(who, Role.ML_LEAD, action="starting a retrain")
-    run_id = trigger_deployment(settings.prefect_api_url, parameters=body.model_dump())
+    run_id = start_retrain_run(
+        session=s, actor=who, api_url=settings.prefect_api_url, parameters=body.model_dump()
+    )
     return {"flow_run_id": run_id, "deployment": "retrain/retrain"}

@@ -4,12 +4,13 @@ from typing import Literal
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import AppSettings, DbSession, Who, db_user, need
+from app.api.deps import AppSettings, DbSession, Who, db_user
 from app.api.schemas import ERRORS, ItemId, ResolveIn
 from quarkflow_core.database import begin_write
 from quarkflow_core.predictions import review_queue as queue_page
 from quarkflow_core.review import dismiss_as_noise, project_classes, resolve_item
 from quarkflow_core.schema import Role
+from quarkflow_core.users import authorize
 
 router = APIRouter()
 
@@ -28,7 +29,13 @@ def review_queue(
     """The work to do: open, sent and disputed items (answered ones have left). Disputed
     first, then by the current champion's uncertainty, spread for diversity and class
     balance under the `diverse` strategy."""
-    need(who, Role.ANALYST, Role.ML_LEAD, action="reading the review queue")
+    authorize(
+        s,
+        actor=who,
+        allowed={Role.ANALYST, Role.ML_LEAD},
+        action="review.queue",
+        what="reading the review queue",
+    )
     chosen = strategy or settings.review_strategy
     total, items = queue_page(session=s, limit=limit, offset=offset, strategy=chosen)
     return {"total": total, "strategy": chosen, "items": items}
@@ -45,7 +52,6 @@ def resolve_review_item(item_id: ItemId, body: ResolveIn, who: Who, s: DbSession
         user=db_user(s, who),
         classes=project_classes(session=s),
     )
-    s.commit()
     return {"id": item.id, "state": item.state.value, "label": item.resolved_label}
 
 
@@ -54,5 +60,4 @@ def dismiss_review_item(item_id: ItemId, who: Who, s: DbSession) -> dict:
     """Mark an item as label noise: left out of training (analyst or ml_lead)."""
     begin_write(s)  # SQLite: read-then-write takes the write lock first
     item = dismiss_as_noise(session=s, item_id=item_id, user=db_user(s, who))
-    s.commit()
     return {"id": item.id, "state": item.state.value, "reason": item.reason.value}

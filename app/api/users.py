@@ -5,9 +5,7 @@ from fastapi import APIRouter
 from app.api.deps import DbSession, Who, db_user
 from app.api.schemas import ERRORS, UserIn
 from quarkflow_core.database import begin_write
-from quarkflow_core.schema import Role
-from quarkflow_core.users import create_user as add_user
-from quarkflow_core.users import record_audit, require_role
+from quarkflow_core.users import admin_create_user
 
 router = APIRouter()
 
@@ -16,19 +14,13 @@ router = APIRouter()
 def create_user(body: UserIn, who: Who, s: DbSession) -> dict:
     """Create a user (role admin)."""
     begin_write(s)  # SQLite: read-then-write takes the write lock first
-    actor = db_user(s, who)
-    require_role(session=s, user=actor, allowed={Role.ADMIN}, action="users.create")
-    user = add_user(session=s, username=body.username, role=body.role, password=body.password)
-    record_audit(
+    user = admin_create_user(
         session=s,
-        actor=actor,
-        action="users.create",
-        outcome="ok",
-        target_type="user",
-        target_id=user.username,
-        detail={"role": user.role.value},
+        actor=db_user(s, who),
+        username=body.username,
+        role=body.role,
+        password=body.password,
     )
-    s.commit()
     return {"username": user.username, "role": user.role.value}
 
 

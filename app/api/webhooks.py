@@ -39,7 +39,7 @@ def labelstudio_webhook(
     pulled = parse_webhook(payload)
     begin_write(s)  # SQLite: read-then-write takes the write lock first
     result = record_annotations(session=s, pulled=pulled)
-    s.commit()
+    s.commit()  # the edge's one commit, before the trigger: the retrain reads these labels
     result["retrain"] = maybe_trigger_retrain(service, settings)
     return {"action": payload.get("action"), **result}
 

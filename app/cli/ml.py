@@ -303,9 +303,16 @@ def retrain_cmd(
 
     RetrainSpec(**params).train_config().validate()  # a bad option fails here, not on the worker
     if deployment:
-        from quarkflow_core.orchestration import trigger_deployment
+        from quarkflow_core.orchestration import start_retrain
+        from quarkflow_core.users import Operator
 
-        run_id = trigger_deployment(_settings().prefect_api_url, parameters=params)
+        with _session() as session:
+            run_id = start_retrain(
+                session=session,
+                actor=Operator.current(),
+                api_url=_settings().prefect_api_url,
+                parameters=params,
+            )
         if as_json:
             print(json.dumps({"flow_run_id": run_id, "parameters": params}))
         else:

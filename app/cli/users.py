@@ -1,4 +1,5 @@
-"""`quarkflow users ...` and `quarkflow tokens ...`."""
+"""`quarkflow users ...` and `quarkflow tokens ...`. Whoever runs them holds the database's
+credentials: they act as the ``Operator`` (admin), audited as ``cli:<login>``."""
 
 from __future__ import annotations
 
@@ -25,14 +26,20 @@ def users_create(
     no_password: bool = typer.Option(False, help="Token-only user (no sign-in password)."),
 ) -> None:
     """Create a user with a role."""
-    from quarkflow_core.users import create_user
+    from quarkflow_core.users import Operator, admin_create_user
 
     if password is None and not no_password:
         if not sys.stdin.isatty():
             raise typer.BadParameter("give --password or --no-password when not on a terminal")
         password = getpass.getpass(f"password for {username}: ")
     with _session() as session:
-        user = create_user(session=session, username=username, role=role, password=password)
+        user = admin_create_user(
+            session=session,
+            actor=Operator.current(),
+            username=username,
+            role=role,
+            password=password,
+        )
         console.print(f"created user [bold]{user.username}[/bold] with role {user.role.value}")
 
 
@@ -63,12 +70,13 @@ def tokens_create(
     expires_days: int | None = typer.Option(None, help="Expire after N days (default: never)."),
 ) -> None:
     """Create an API token; it is printed once and stored only as a keyed hash."""
-    from quarkflow_core.users import create_token, get_user
+    from quarkflow_core.users import Operator, admin_create_token
 
     with _session() as session:
-        row, plaintext = create_token(
+        row, plaintext = admin_create_token(
             session=session,
-            user=get_user(session=session, username=user),
+            actor=Operator.current(),
+            username=user,
             secret=_settings().secret_key.get_secret_value(),
             name=name,
             expires_in=timedelta(days=expires_days) if expires_days else None,
@@ -80,8 +88,8 @@ def tokens_create(
 @tokens_app.command("revoke")
 def tokens_revoke(token_id: int) -> None:
     """Revoke a token by id."""
-    from quarkflow_core.users import revoke_token
+    from quarkflow_core.users import Operator, admin_revoke_token
 
     with _session() as session:
-        revoke_token(session=session, token_id=token_id)
+        admin_revoke_token(session=session, actor=Operator.current(), token_id=token_id)
     console.print(f"token #{token_id} revoked")

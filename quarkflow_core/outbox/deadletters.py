@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from quarkflow_core.database import begin_write
 from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.schema import Role, User
-from quarkflow_core.users import record_audit, require_role
+from quarkflow_core.users import authorize, record_audit
 
 if TYPE_CHECKING:
     from quarkflow_core.outbox.store import DeadLetter, Outbox
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def _audited(
     session: Session, *, user: User, action: str, letters: list[DeadLetter], detail: dict
 ) -> None:
-    require_role(session=session, user=user, allowed={Role.ML_LEAD}, action=action)
+    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action)
     begin_write(session)
     for d in letters:
         record_audit(

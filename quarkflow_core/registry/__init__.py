@@ -15,6 +15,11 @@ The rules hold whatever the caller (CLI, API, workbench, flows); each module sta
 
 Each module imports only those listed above it. Callers use the package:
 ``from quarkflow_core import registry; registry.approve(...)``.
+
+Transactions: the reads never commit. The writes (``register_version``, ``set_challenger``,
+``approve``, ``reject``, ``rollback``) commit by design: each takes the registry lock in a
+fresh transaction (ending the caller's) and commits its change with the event and audit row
+that record it, so a promotion is one transaction with its audit record whoever calls it.
 """
 
 from quarkflow_core.registry.events import (

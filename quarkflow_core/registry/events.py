@@ -8,7 +8,10 @@ an append-only row carrying the evidence and its sha256 (``evidence_sha256``).
 ``champion`` are in ``promotion``.
 
 Read: ``history`` (oldest first), ``champion_at`` a point in time, ``event_dict`` for the edges,
-``verify_event`` to check that stored evidence still hashes to what was recorded."""
+``verify_event`` to check that stored evidence still hashes to what was recorded.
+
+``_lock`` commits the caller's transaction and ``set_challenger`` commits its move: registry
+writes commit by design (see ``quarkflow_core.database``)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,12 @@ the target is checked against its sha256 first. The alias move, the append-only 
 (with the evidence and its sha256) and the audit row are written in one transaction under the
 registry lock (``_move_champion``). The decision records which champion it was made against; if
 another lead moved the champion meanwhile the second decision is refused with ``Conflict``
-rather than silently overwriting it. A refused decision is audited too (``_refuse``)."""
+rather than silently overwriting it. A refused decision is audited too (``_refuse``), and so is
+a refusal by role (``users.authorize``).
+
+These functions commit by design (see ``quarkflow_core.database``): the lock needs a fresh
+transaction, so the caller's is committed first, and the decision is committed here with its
+event and audit row. Call them last in a unit of work."""
 
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from quarkflow_core.schema import (
     User,
 )
 from quarkflow_core.storage import Storage
-from quarkflow_core.users import record_audit, require_role
+from quarkflow_core.users import authorize, record_audit
 
 MIN_REASON = 3
 MIN_OVERRIDE_REASON = 20
@@ -150,7 +155,7 @@ def approve(
     ``override=True`` and a written reason of at least 20 characters. ``proposal`` lets a UI
     approve exactly the evidence it showed (it must be for the same version)."""
     action = "models.approve"
-    require_role(session=session, user=user, allowed={Role.ML_LEAD}, action=action)
+    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action)
     reason = _check_reason(reason)
     cand = (
         version if isinstance(version, ModelVersion) else get_version(session=session, ref=version)
@@ -194,7 +199,7 @@ def reject(
 ) -> PromotionEvent:
     """Decline a candidate: recorded, and it stops being the challenger."""
     action = "models.reject"
-    require_role(session=session, user=user, allowed={Role.ML_LEAD}, action=action)
+    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action)
     reason = _check_reason(reason)
     cand = (
         version if isinstance(version, ModelVersion) else get_version(session=session, ref=version)
@@ -259,7 +264,7 @@ def rollback(
 ) -> PromotionEvent:
     """Move ``champion`` back to the previous champion, or to any earlier version ``to``."""
     action = "models.rollback"
-    require_role(session=session, user=user, allowed={Role.ML_LEAD}, action=action)
+    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action)
     reason = _check_reason(reason)
     champ = alias_of(session=session, alias=CHAMPION)
     if champ is None:

@@ -6,7 +6,10 @@ most unreferenced blobs, never a half-registered version; re-registering the sam
 returns the existing version. Every file is checked against its sha256 (and the manifest
 against the registered sha256) whenever a version is read back: ``verify_stored`` before a
 promotion or rollback, ``materialize`` / ``load_version`` before serving or comparing, into the
-local cache that ``model_cache_dir`` names."""
+local cache that ``model_cache_dir`` names.
+
+``register_version`` commits by design, under the registry lock, with its audit row (see
+``quarkflow_core.database``)."""
 
 from __future__ import annotations
 
