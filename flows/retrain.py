@@ -1,6 +1,6 @@
 """`retrain`: snapshot -> train -> (prune) -> export -> register the challenger + comparison.
 
-Every task calls one quarkflow_core.retrain function; retries only where a retry is safe
+Every task calls one quarkflow_core.pipeline function; retries only where a retry is safe
 (every step is; ``register`` is idempotent). Progress and the final report are Prefect
 artifacts."""
 
@@ -17,7 +17,7 @@ from prefect.artifacts import (
 )
 
 from flows.common import data_dir, db, storage
-from quarkflow_core import retrain as core
+from quarkflow_core import pipeline as core
 from quarkflow_core.config import get_settings
 
 

@@ -15,8 +15,8 @@ from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.images import ALLOWED_FORMATS, validate_upload
 from quarkflow_core.outbox import Record
 from quarkflow_core.predictions import PREDICTION, apply_records, prediction_record
+from quarkflow_core.predictor import Predictor, summarize
 from quarkflow_core.schema import Image, ReviewItem
-from quarkflow_core.serving import Predictor, summarize
 from quarkflow_core.storage import Storage
 
 IMAGE_SUFFIXES = {f".{e}" for e in ALLOWED_FORMATS.values()} | {".jpeg", ".tiff"}

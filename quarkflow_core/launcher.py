@@ -116,7 +116,7 @@ def _outbox_drained(api_url: str) -> bool:
 def prepare(sup: Supervisor, settings: Settings, plan: DemoPlan, env: dict[str, str]) -> Path:
     """Migrations, seed data, the demo model (trained once), the champion, the demo users."""
     from quarkflow_core.database import get_engine, session_scope
-    from quarkflow_core.demo import ensure_demo_users
+    from quarkflow_core.demo_data import ensure_demo_users
 
     model = settings.data_dir / DEMO_MODEL_DIR
     sup.run("migrations", _cli("db", "upgrade"), env=env)
@@ -144,7 +144,7 @@ def send_traffic(
     from sqlalchemy.exc import SQLAlchemyError
 
     from quarkflow_core.database import begin_write, get_engine, session_scope
-    from quarkflow_core.demo import DEMO_EXPERT, pending_traffic, send_demo_traffic
+    from quarkflow_core.demo_data import DEMO_EXPERT, pending_traffic, send_demo_traffic
     from quarkflow_core.users import create_token, get_user, revoke_token
 
     engine = get_engine(settings.database_url)
@@ -188,7 +188,7 @@ def send_traffic(
 
 
 def banner(settings: Settings, plan: DemoPlan) -> str:
-    from quarkflow_core.demo import DEMO_LEAD_PASSWORD
+    from quarkflow_core.demo_data import DEMO_LEAD_PASSWORD
 
     logs = settings.data_dir / "logs"
     return "\n".join(

@@ -218,7 +218,7 @@ def rescore(
     (an item a person answered meanwhile is left alone) and committed."""
     from quarkflow_core.database import begin_write
     from quarkflow_core.images import validate_upload
-    from quarkflow_core.serving import summarize
+    from quarkflow_core.predictor import summarize
 
     ids = stale_items(session, version=predictor.version)
     session.commit()

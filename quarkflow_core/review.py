@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.errors import InvalidInput, NotFound
-from quarkflow_core.labeling import LabelStudio, Project, PulledAnnotation, TaskSpec
+from quarkflow_core.labelstudio import LabelStudio, Project, PulledAnnotation, TaskSpec
 from quarkflow_core.queue import settle
 from quarkflow_core.schema import (
     Annotation,

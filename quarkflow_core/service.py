@@ -47,8 +47,7 @@ from quarkflow_core.predictions import (
     public_view,
     store_blobs,
 )
-from quarkflow_core.schema import Role, Verdict
-from quarkflow_core.serving import (
+from quarkflow_core.predictor import (
     MicroBatcher,
     ModelHolder,
     NoModel,
@@ -57,6 +56,7 @@ from quarkflow_core.serving import (
     summarize,
     write_pointer,
 )
+from quarkflow_core.schema import Role, Verdict
 from quarkflow_core.storage import Storage, storage_from_url
 
 log = logging.getLogger("quarkflow.service")

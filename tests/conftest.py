@@ -171,7 +171,7 @@ def trained_artifacts(tmp_path_factory):
     import torch
 
     from quarkflow_core.datasets import stratified_holdout
-    from quarkflow_core.demo import HOLDOUT_FRACTION, SPLIT_SEED, demo_pngs
+    from quarkflow_core.demo_data import HOLDOUT_FRACTION, SPLIT_SEED, demo_pngs
     from quarkflow_core.ml.data import ImageSet, decode
     from quarkflow_core.ml.train import TrainConfig, fit
     from quarkflow_core.ml.transforms import eval_preset

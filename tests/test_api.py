@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.api import STATUS, create_app
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.schema import (
     AuditLog,
     Feedback,

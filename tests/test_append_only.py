@@ -166,14 +166,14 @@ def _run_the_app(dep: Deployment, tmp_path) -> None:
     made by that champion and logged the way the outbox writes it, and feedback on it."""
     import torch
 
-    from quarkflow_core.demo import demo_pngs
+    from quarkflow_core.demo_data import demo_pngs
     from quarkflow_core.images import probe_image
     from quarkflow_core.ml.artifacts import save_artifact
     from quarkflow_core.ml.models import get_model
     from quarkflow_core.ml.transforms import eval_preset
     from quarkflow_core.outbox import Record
     from quarkflow_core.predictions import FEEDBACK, PREDICTION, apply_records, prediction_record
-    from quarkflow_core.serving import Predictor, summarize
+    from quarkflow_core.predictor import Predictor, summarize
     from quarkflow_core.users import create_token, create_user, revoke_token, touch_token
 
     torch.manual_seed(0)

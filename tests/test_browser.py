@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.api import create_app
 from quarkflow_core import registry
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.launcher import streamlit_argv
 from quarkflow_core.orchestration import stop_process
 from quarkflow_core.users import create_user

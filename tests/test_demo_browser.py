@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from app.api import create_app
 from quarkflow_core import registry
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.schema import User
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -34,7 +34,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.schema import Feedback, Image, Prediction
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

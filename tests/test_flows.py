@@ -17,7 +17,7 @@ from app import cli
 from app.api import create_app
 from quarkflow_core import registry
 from quarkflow_core.config import get_settings
-from quarkflow_core.demo import demo_pngs, seed_demo
+from quarkflow_core.demo_data import demo_pngs, seed_demo
 from quarkflow_core.schema import Image, ModelVersion, Prediction, ReviewItem
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -93,7 +93,7 @@ def test_retrain_registers_a_challenger_and_is_idempotent(loop):
 
 
 def test_a_failed_train_task_is_retried(loop, monkeypatch):
-    import quarkflow_core.retrain as core
+    import quarkflow_core.pipeline as core
     from flows.retrain import retrain
 
     _dep, _engine = loop
@@ -112,7 +112,7 @@ def test_a_failed_train_task_is_retried(loop, monkeypatch):
 
 
 def test_a_permanent_failure_registers_nothing(loop, monkeypatch):
-    import quarkflow_core.retrain as core
+    import quarkflow_core.pipeline as core
     from flows.retrain import retrain
 
     _dep, engine = loop

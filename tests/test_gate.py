@@ -21,17 +21,17 @@ from sqlalchemy import select
 
 from quarkflow_core import registry
 from quarkflow_core.datasets import snapshot_items
-from quarkflow_core.demo import HOLDOUT_FRACTION, SPLIT_SEED, demo_pngs, seed_demo
+from quarkflow_core.demo_data import HOLDOUT_FRACTION, SPLIT_SEED, demo_pngs, seed_demo
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.images import probe_image
 from quarkflow_core.labels import build_training_snapshot
 from quarkflow_core.ml.compare import compare, min_discordant, power_statement, power_summary
 from quarkflow_core.outbox import Record
 from quarkflow_core.predictions import FEEDBACK, PREDICTION, apply_records, prediction_record
+from quarkflow_core.predictor import Predictor, summarize
 from quarkflow_core.registry import PolicyConfig, evaluate_policy
 from quarkflow_core.review import resolve_item
 from quarkflow_core.schema import ReviewItem, Role, Split
-from quarkflow_core.serving import Predictor, summarize
 from quarkflow_core.storage import LocalStorage
 from quarkflow_core.users import create_user
 

@@ -42,7 +42,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.database import make_engine
-from quarkflow_core.demo import DEMO_LEAD_PASSWORD, mnist_arrays, pending_traffic
+from quarkflow_core.demo_data import DEMO_LEAD_PASSWORD, mnist_arrays, pending_traffic
 from quarkflow_core.schema import Feedback, Image, ModelVersion, Prediction, ReviewItem, User
 from quarkflow_core.supervisor import port_free
 

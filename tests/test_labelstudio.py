@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from app.api import create_app
 from quarkflow_core import review
-from quarkflow_core.demo import demo_pngs
-from quarkflow_core.labeling import LabelStudio, LabelStudioUnavailable
+from quarkflow_core.demo_data import demo_pngs
+from quarkflow_core.labelstudio import LabelStudio, LabelStudioUnavailable
 from quarkflow_core.schema import Annotation, Image, ReviewItem, ReviewState
 
 pytestmark = pytest.mark.integration
@@ -156,7 +156,7 @@ def test_round_trip_agreement_and_disputes(tmp_path, trained_artifacts, studio):
         assert ok.status_code == 200 and ok.json()["state"] == "resolved"
 
     # accepted labels become training data; the tie (C) stays out
-    from quarkflow_core.demo import seed_demo
+    from quarkflow_core.demo_data import seed_demo
     from quarkflow_core.labels import resolve_labels
 
     with Session(engine) as s:

@@ -21,7 +21,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageOps
 
 from app.api import STATUS, BodyLimits
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.images import DecodeBudget, DecodeBusy, prepare_uploads
 from quarkflow_core.ml import transforms

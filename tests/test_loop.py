@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.api import create_app
 from quarkflow_core.config import get_settings
-from quarkflow_core.demo import demo_pngs, seed_demo
+from quarkflow_core.demo_data import demo_pngs, seed_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SEED, STREAM = 500, 1000  # 400 train + 100 hold-out seed digits; 1,000 unseen digits

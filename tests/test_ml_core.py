@@ -24,7 +24,7 @@ from quarkflow_core.ml.models import get_model, list_models
 from quarkflow_core.ml.train import TrainConfig, class_weight_tensor, fit
 from quarkflow_core.ml.transforms import eval_preset
 from quarkflow_core.schema import RunStatus, TrainingRun
-from quarkflow_core.training import train_from_snapshot
+from quarkflow_core.training_runs import train_from_snapshot
 
 pytestmark = pytest.mark.unit
 PRESET = eval_preset("digits28")
@@ -210,7 +210,7 @@ def test_stray_file_in_artifact_is_refused(small, tmp_path):
 @pytest.fixture
 def seeded(db_session, tmp_path):
     """(storage, seed report) for a small seed set on the parametrized database."""
-    from quarkflow_core.demo import seed_demo
+    from quarkflow_core.demo_data import seed_demo
     from quarkflow_core.storage import LocalStorage
 
     storage = LocalStorage(tmp_path / "store")

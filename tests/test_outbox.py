@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from app import cli
 from app.api import create_app
 from quarkflow_core.config import get_settings
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.errors import ObjectNotFound, StorageError
 from quarkflow_core.outbox import Flusher, Outbox
 from quarkflow_core.predictions import FEEDBACK

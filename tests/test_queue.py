@@ -20,11 +20,11 @@ from app import cli
 from app.api import create_app
 from quarkflow_core import registry
 from quarkflow_core.config import get_settings
-from quarkflow_core.demo import demo_traffic_pngs
+from quarkflow_core.demo_data import demo_traffic_pngs
 from quarkflow_core.images import validate_upload
+from quarkflow_core.predictor import Predictor, summarize
 from quarkflow_core.queue import diverse_order, probability_vector, uncertainty
 from quarkflow_core.schema import Image, ReviewItem, ReviewReason, ReviewState, User
-from quarkflow_core.serving import Predictor, summarize
 
 pytestmark = pytest.mark.integration
 

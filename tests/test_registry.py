@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core import migrations, registry
 from quarkflow_core.database import make_engine
-from quarkflow_core.demo import (
+from quarkflow_core.demo_data import (
     DEMO_LEAD,
     bootstrap_champion,
     seed_demo,
@@ -140,7 +140,7 @@ def test_lineage_snapshot_run_version_parent(env, tmp_path):
     from quarkflow_core.ml.data import load_snapshot
     from quarkflow_core.ml.variants import prune_artifact
     from quarkflow_core.schema import Split
-    from quarkflow_core.training import default_snapshot_id, train_from_snapshot
+    from quarkflow_core.training_runs import default_snapshot_id, train_from_snapshot
 
     s, storage = env["session"], env["storage"]
     snap = default_snapshot_id(session=s)

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from quarkflow_core.datasets import snapshot_items
-from quarkflow_core.demo import seed_demo
+from quarkflow_core.demo_data import seed_demo
 from quarkflow_core.schema import Annotation, DatasetSnapshot, Image, Split
 
 pytestmark = pytest.mark.integration

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.api import create_app
 from quarkflow_core import registry
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.schema import Feedback, Image, Prediction, User
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app import cli
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.simulate import LabelledData, SimulationSpec, curve_bands, load_results
 

@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from app.api import create_app
 from quarkflow_core.config import get_settings
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 
 pytestmark = pytest.mark.integration
 PAGES = [

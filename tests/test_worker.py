@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api import create_app
-from quarkflow_core.demo import seed_demo
+from quarkflow_core.demo_data import seed_demo
 from quarkflow_core.orchestration import stop_process
 from quarkflow_core.schema import ModelVersion
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api import create_app
-from quarkflow_core.demo import demo_pngs
+from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.schema import AuditLog, Feedback, Prediction, ReviewItem, User
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

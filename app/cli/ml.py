@@ -17,7 +17,7 @@ from app.cli.common import _fmt, _print_kv, _progress, _session, _settings, cons
 
 def _holdout(session: Session, snapshot: int | None, preset):
     from quarkflow_core.storage import get_storage
-    from quarkflow_core.training import load_holdout
+    from quarkflow_core.training_runs import load_holdout
 
     return load_holdout(session=session, storage=get_storage(), snapshot_id=snapshot, preset=preset)
 
@@ -44,7 +44,7 @@ def train(
     """Train a model on a dataset snapshot, calibrate it, evaluate it, write an artifact."""
     from quarkflow_core.ml.train import TrainConfig
     from quarkflow_core.storage import get_storage
-    from quarkflow_core.training import default_snapshot_id, headline, train_from_snapshot
+    from quarkflow_core.training_runs import default_snapshot_id, headline, train_from_snapshot
 
     config = TrainConfig(
         architecture=architecture,
@@ -226,7 +226,7 @@ def prune_cmd(
     from quarkflow_core.ml.variants import prune_artifact
     from quarkflow_core.schema import Split
     from quarkflow_core.storage import get_storage
-    from quarkflow_core.training import default_snapshot_id
+    from quarkflow_core.training_runs import default_snapshot_id
 
     loaded = load_artifact(artifact)
     with _session() as session:
@@ -299,7 +299,7 @@ def retrain_cmd(
         "kfold": kfold,
         "prune_ratio": prune_ratio,
     }
-    from quarkflow_core.retrain import RetrainSpec
+    from quarkflow_core.pipeline import RetrainSpec
 
     RetrainSpec(**params).train_config().validate()  # a bad option fails here, not on the worker
     if deployment:

@@ -268,7 +268,7 @@ def demo_bootstrap(
     artifact: Path = typer.Argument(..., help="The trained demo artifact folder."),
 ) -> None:
     """Register the demo model and, on a fresh install, approve it as the demo ml_lead."""
-    from quarkflow_core.demo import DEMO_LEAD, DEMO_LEAD_PASSWORD, bootstrap_champion
+    from quarkflow_core.demo_data import DEMO_LEAD, DEMO_LEAD_PASSWORD, bootstrap_champion
     from quarkflow_core.storage import get_storage
 
     with _session() as session:

@@ -197,7 +197,7 @@ def compare_versions(
     ``n``, ``power``)."""
     from quarkflow_core.ml.compare import REPORT_FORMAT, compare
     from quarkflow_core.ml.evaluate import measure_latency, predict_proba
-    from quarkflow_core.training import default_snapshot_id, load_holdout
+    from quarkflow_core.training_runs import default_snapshot_id, load_holdout
 
     if list(a.classes) != list(b.classes):
         raise InvalidInput(

@@ -51,7 +51,7 @@ def model_cache_dir(settings: Settings | None = None) -> Path:
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    from quarkflow_core.training import headline
+    from quarkflow_core.training_runs import headline
 
     return headline(metrics)
 

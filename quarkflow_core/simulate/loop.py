@@ -95,9 +95,9 @@ def run_one(
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """One simulated loop (one strategy, one seed) in a fresh workspace under ``workdir``."""
-    from quarkflow_core import registry, retrain
+    from quarkflow_core import pipeline, registry
     from quarkflow_core.batch import champion_predictor, predict_keys
-    from quarkflow_core.demo import ingest_seed
+    from quarkflow_core.demo_data import ingest_seed
     from quarkflow_core.labels import build_training_snapshot
     from quarkflow_core.predictions import review_queue
     from quarkflow_core.queue import queue_size
@@ -110,7 +110,7 @@ def run_one(
     test_images = [data.images[i] for i in parts["test"]]
     test_labels = [data.labels[i] for i in parts["test"]]
     rng = random.Random(seed)
-    train_spec = retrain.RetrainSpec(
+    train_spec = pipeline.RetrainSpec(
         architecture=spec.architecture,
         epochs=spec.epochs,
         batch_size=spec.batch_size,
@@ -180,15 +180,15 @@ def run_one(
                 )
                 s.commit()
                 try:
-                    trained = retrain.train_step(
+                    trained = pipeline.train_step(
                         session=s,
                         storage=ws.storage,
                         snapshot_id=snap_id,
                         spec=train_spec,
                         out_root=workdir / "runs",
                     )
-                    key = retrain.snapshot_key(session=s, snapshot_id=snap_id, spec=train_spec)
-                    judged = retrain.register_step(
+                    key = pipeline.snapshot_key(session=s, snapshot_id=snap_id, spec=train_spec)
+                    judged = pipeline.register_step(
                         session=s,
                         storage=ws.storage,
                         key=key,

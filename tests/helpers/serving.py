@@ -129,7 +129,7 @@ def local_deploy(root: Path, champion: Path | None) -> Deployment:
 def seed_and_register(dep: Deployment, artifact: Path, *, as_challenger: bool = True):
     """Seed the SEED_SIZE demo digits (the hold-out a comparison needs) and register ``artifact``
     (as the challenger by default); returns its version row."""
-    from quarkflow_core.demo import seed_demo
+    from quarkflow_core.demo_data import seed_demo
 
     engine = dep.engine()
     try:

@@ -86,7 +86,7 @@ def train_step(
 ) -> dict[str, Any]:
     """Train + calibrate + evaluate on the snapshot's hold-out (+ k-fold); a fresh folder per
     try."""
-    from quarkflow_core.training import headline, train_from_snapshot
+    from quarkflow_core.training_runs import headline, train_from_snapshot
 
     out = Path(out_root) / f"run-{uuid.uuid4().hex[:12]}"
     outcome = train_from_snapshot(
@@ -135,7 +135,7 @@ def export_step(
     """Export inside the (unregistered) artifact; parity checked on hold-out images."""
     from quarkflow_core.ml.artifacts import load_artifact
     from quarkflow_core.ml.variants import export_artifact
-    from quarkflow_core.training import load_holdout
+    from quarkflow_core.training_runs import load_holdout
 
     loaded = load_artifact(artifact_dir)
     if (Path(artifact_dir) / ("model.onnx" if fmt == "onnx" else "model.ts")).exists():
