@@ -1,6 +1,7 @@
 """The prediction service behind the API and the Gradio demo: model holder + champion watcher,
-micro-batcher, durable outbox + flusher, token authentication that survives a database outage,
-and Prometheus metrics. The web layers only translate HTTP / UI events into these calls."""
+micro-batcher, durable outbox + flusher, and health. Who is calling is checked by
+``service.tokens``, metrics live in ``service.metrics``, the flusher's fault rule in
+``service.faults``. The web layers only translate HTTP / UI events into these calls."""
 
 from __future__ import annotations
 
@@ -9,18 +10,13 @@ import threading
 import time
 import uuid
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.exc import (
-    DataError,
     DBAPIError,
-    IntegrityError,
     OperationalError,
-    StatementError,
 )
 from sqlalchemy.orm import Session
 
@@ -28,11 +24,9 @@ from quarkflow_core import registry
 from quarkflow_core.config import Settings
 from quarkflow_core.database import begin_write, make_engine, session_scope
 from quarkflow_core.errors import (
-    AuthenticationFailed,
     DatabaseUnavailable,
     InvalidInput,
     NotFound,
-    StorageError,
 )
 from quarkflow_core.images import DecodeBudget, give_large_frees_back, prepare_uploads
 from quarkflow_core.outbox import Flusher, Outbox, Record, outbox_path
@@ -56,102 +50,14 @@ from quarkflow_core.predictor import (
     summarize,
     write_pointer,
 )
-from quarkflow_core.schema import Role, Verdict
+from quarkflow_core.schema import Verdict
+from quarkflow_core.service.faults import is_transient
+from quarkflow_core.service.metrics import Metrics
+from quarkflow_core.service.principal import Principal
+from quarkflow_core.service.tokens import TokenCheck
 from quarkflow_core.storage import Storage, storage_from_url
 
 log = logging.getLogger("quarkflow.service")
-TOKEN_CACHE_S = 60.0  # a token seen this recently still works while the database is down
-TOKEN_TOUCH_S = 60.0  # last_used_at is recorded at most this often per token
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling, detached from any database session. An ``users.Actor``: pass it to
-    ``users.authorize`` (the one role check) as it is."""
-
-    user_id: int | None
-    username: str
-    role: Role
-
-    @property
-    def id(self) -> int | None:
-        """The user's id, as the audit log records it (None: the anonymous demo user)."""
-        return self.user_id
-
-
-ANONYMOUS = Principal(None, "anonymous", Role.DOMAIN_EXPERT)
-
-
-# What only a record itself can cause: the database refuses its values (DataError), it clashes
-# with a row (IntegrityError: e.g. another server stored the same image a moment ago, which a
-# retry resolves), it names a prediction that does not exist, or it cannot be parsed.
-RECORD_FAULTS = (
-    InvalidInput,
-    NotFound,
-    DataError,
-    IntegrityError,
-    KeyError,
-    TypeError,
-    ValueError,
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """An outage (retry the batch for as long as it takes) rather than a record fault.
-
-    Anything not known to be the record's fault counts as an outage: an unreachable database or
-    storage, a missing bucket, a permission problem. Keeping records and retrying is safe (the
-    writers are idempotent); moving a good record aside is not."""
-    if isinstance(exc, StorageError):  # network, missing bucket, permissions: all outages
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, OperationalError):  # includes "database is locked"
-        return True
-    if isinstance(exc, StatementError) and isinstance(exc.orig, RECORD_FAULTS):
-        return False  # e.g. the driver refused a value before sending it
-    return not isinstance(exc, RECORD_FAULTS)
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "qf_http_requests", "HTTP requests", ["route", "method", "status"], registry=r
-        )
-        self.latency = Histogram(
-            "qf_http_request_duration_seconds",
-            "HTTP request latency",
-            ["route"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "qf_batch_size",
-            "Images per model batch",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=r,
-        )
-        self.model_version = Gauge("qf_model_version", "Served model version", registry=r)
-        self.outbox_depth = Gauge("qf_outbox_depth", "Records waiting in the outbox", registry=r)
-        self.dead_letters = Gauge(
-            "qf_outbox_dead_letters",
-            "Records the database kept refusing (see `quarkflow outbox list`)",
-            registry=r,
-        )
-        self.outbox_oldest = Gauge(
-            "qf_outbox_oldest_seconds", "Age of the oldest record not yet written", registry=r
-        )
-        self.outbox_outage = Gauge(
-            "qf_outbox_outage",
-            "1 while the flusher cannot reach the database or storage",
-            registry=r,
-        )
-        self.predictions = Counter("qf_predictions", "Images predicted", registry=r)
-        self.reviews = Counter("qf_review_enqueued", "Predictions sent to review", registry=r)
-        self.swaps = Counter("qf_model_swaps", "Model hot swaps", registry=r)
-        self.rejected = Counter("qf_rejected_uploads", "Rejected uploads", ["error"], registry=r)
 
 
 class PredictionService:
@@ -189,7 +95,7 @@ class PredictionService:
         self.watch_error: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._tokens: dict[str, tuple[Principal, float, float]] = {}  # seen, touched
+        self.tokens = TokenCheck(settings, self.session)
         self._rescore_lock = threading.Lock()
         self._rescorer: threading.Thread | None = None
         self.last_rescore: dict[str, int] | None = None
@@ -307,68 +213,18 @@ class PredictionService:
                 self.watch_error = f"{type(exc).__name__}: {exc}"[:500]
                 log.warning("champion check failed: %s", self.watch_error)
 
-    # ------------------------------------------------------------------ auth
+    # ------------------------------------------------------------------ who is calling
 
     def authenticate(self, token: str) -> Principal:
-        from quarkflow_core.security import hash_token
-        from quarkflow_core.users import authenticate_token
-
-        secret = self.settings.secret_key.get_secret_value()
-        key = hash_token(token, secret)
-        cached = self._tokens.get(key)
-        try:  # every request asks the database: a revoked or expired token stops at once
-            with self.session() as s:
-                user = authenticate_token(session=s, token=token, secret=secret, touch=False)
-                principal = Principal(user.id, user.username, user.role)
-        except AuthenticationFailed:
-            self._tokens.pop(key, None)
-            raise
-        except (OperationalError, DatabaseUnavailable):
-            if cached and time.monotonic() - cached[1] < TOKEN_CACHE_S:
-                return cached[0]  # the database is down: a token seen recently still works
-            raise DatabaseUnavailable(
-                "the database is unreachable and this token has not been seen recently"
-            ) from None
-        now = time.monotonic()
-        if cached is None or now - cached[2] >= TOKEN_TOUCH_S:
-            touched = self._touch(key)
-        else:
-            touched = cached[2]
-        self._tokens[key] = (principal, now, touched if touched else now)
-        return principal
-
-    def _touch(self, token_hash: str) -> float | None:
-        """Record last_used_at (at most once a minute per token; best effort: a busy or
-        unreachable database does not fail the request)."""
-        from quarkflow_core.users import touch_token
-
-        try:
-            with self.session() as s:
-                begin_write(s)
-                touch_token(session=s, token_hash=token_hash)
-            return time.monotonic()
-        except (OperationalError, DatabaseUnavailable):
-            return None
+        """A bearer token's user (see ``service.tokens``)."""
+        return self.tokens.authenticate(token)
 
     def principal_for(self, username: str) -> Principal:
         """A signed-in UI user (Gradio / Streamlit) as a Principal."""
-        from quarkflow_core.users import get_user
-
-        with self.session() as s:
-            user = get_user(session=s, username=username)
-            if not user.is_active:
-                raise AuthenticationFailed(f"user {username!r} is deactivated")
-            return Principal(user.id, user.username, user.role)
+        return self.tokens.principal_for(username)
 
     def check_password(self, username: str, password: str) -> bool:
-        from quarkflow_core.users import authenticate_password
-
-        try:
-            with self.session() as s:
-                authenticate_password(session=s, username=username, password=password)
-            return True
-        except AuthenticationFailed:
-            return False
+        return self.tokens.check_password(username, password)
 
     # ------------------------------------------------------------------ predictions
 
