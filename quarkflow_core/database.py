@@ -36,7 +36,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from quarkflow_core.errors import ConfigError, DatabaseUnavailable
@@ -236,3 +236,12 @@ def grant_app_role(engine: Engine, role: str, *, schema: str = "public") -> dict
             )
         )
     return granted
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """The database could not be reached or stayed busy (an outage to wait out), as opposed to
+    a statement it refused: OperationalError (includes SQLite's "database is locked"), a
+    connection the driver reports lost, or our own DatabaseUnavailable."""
+    if isinstance(exc, OperationalError | DatabaseUnavailable):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated

@@ -39,7 +39,7 @@ def replay_dead_letters(
     *, session: Session, outbox: Outbox, user: User, ids: list[int] | None
 ) -> list[int]:
     """Send dead letters (all when ``ids`` is None) back to the flusher, audited."""
-    letters = outbox.dead(ids, limit=1_000_000)
+    letters = outbox.dead(ids, limit=None)
     if ids is not None:
         missing = sorted(set(ids) - {d.id for d in letters})
         if missing:

@@ -162,15 +162,19 @@ class Outbox:
         with self._lock:
             if record.attempts + 1 >= max_attempts:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO dead_letter "
-                    "(id, kind, key, payload, blob, error, attempts, created_at, failed_at) "
-                    "SELECT id, kind, key, payload, blob, ?, attempts + 1, created_at, ? "
-                    "FROM outbox WHERE id = ?",
-                    (error[:2000], time.time(), record.id),
-                )
-                self._conn.execute("DELETE FROM outbox WHERE id = ?", (record.id,))
-                self._conn.execute("COMMIT")
+                try:
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO dead_letter "
+                        "(id, kind, key, payload, blob, error, attempts, created_at, failed_at) "
+                        "SELECT id, kind, key, payload, blob, ?, attempts + 1, created_at, ? "
+                        "FROM outbox WHERE id = ?",
+                        (error[:2000], time.time(), record.id),
+                    )
+                    self._conn.execute("DELETE FROM outbox WHERE id = ?", (record.id,))
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
                 return True
             self._conn.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ?, not_before = ? "
@@ -217,14 +221,17 @@ class Outbox:
 
     # ---------------------------------------------------------------- dead letters
 
-    def dead(self, ids: list[int] | None = None, *, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters, oldest first (all of ``ids`` when given)."""
+    def dead(self, ids: list[int] | None = None, *, limit: int | None = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first: those of ``ids`` when given, else the first ``limit``
+        (all with ``limit=None``)."""
         query = (
             "SELECT id, kind, key, error, attempts, created_at, failed_at, payload FROM dead_letter"
         )
         with self._lock:
             if ids is None:
-                rows = self._conn.execute(query + " ORDER BY id LIMIT ?", (limit,)).fetchall()
+                rows = self._conn.execute(
+                    query + " ORDER BY id LIMIT ?", (-1 if limit is None else limit,)
+                ).fetchall()
             else:
                 marks = ",".join("?" * len(ids))
                 rows = self._conn.execute(

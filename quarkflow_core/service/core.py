@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core import registry
 from quarkflow_core.config import Settings
-from quarkflow_core.database import begin_write, make_engine, session_scope
+from quarkflow_core.database import begin_write, is_unreachable, make_engine, session_scope
 from quarkflow_core.errors import (
     DatabaseUnavailable,
     InvalidInput,
@@ -322,7 +322,7 @@ class PredictionService:
                     raise NotFound(f"no prediction with id {prediction_id}")
                 return prediction_dict(s, pred)
         except DBAPIError as exc:
-            if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+            if not is_unreachable(exc):
                 raise
             raise DatabaseUnavailable(
                 "the database is unreachable; logged predictions cannot be read right now"

@@ -3,14 +3,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy.exc import (
-    DataError,
-    DBAPIError,
-    IntegrityError,
-    OperationalError,
-    StatementError,
-)
+from sqlalchemy.exc import DataError, IntegrityError, StatementError
 
+from quarkflow_core.database import is_unreachable
 from quarkflow_core.errors import InvalidInput, NotFound, StorageError
 
 # What only a record itself can cause: the database refuses its values (DataError), it clashes
@@ -35,9 +30,7 @@ def is_transient(exc: BaseException) -> bool:
     writers are idempotent); moving a good record aside is not."""
     if isinstance(exc, StorageError):  # network, missing bucket, permissions: all outages
         return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, OperationalError):  # includes "database is locked"
+    if is_unreachable(exc):  # includes "database is locked"
         return True
     if isinstance(exc, StatementError) and isinstance(exc.orig, RECORD_FAULTS):
         return False  # e.g. the driver refused a value before sending it
