@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers.browser import launch, sign_in
+from helpers.browser import launch, open_page, sign_in
 from helpers.serving import ThreadedServer, free_port, local_deploy, seed_and_register, wait_until
 from sqlalchemy.orm import Session
 
@@ -75,15 +75,7 @@ def stack(tmp_path, trained_artifacts):
 
 
 def _open(page, title: str, wait_text: str, shots: Path, name: str) -> None:
-    page.get_by_role("link", name=title).click()
-    page.get_by_text(wait_text).first.wait_for(timeout=120_000)
-    charts = page.locator(".js-plotly-plot .main-svg")
-    if charts.count() or page.locator('[data-testid="stPlotlyChart"]').count():
-        charts.first.wait_for(timeout=30_000)  # plotly draws after the page's script ends
-    page.mouse.wheel(0, 400)  # plotly in columns draws once scrolled into view
-    page.wait_for_timeout(3000)
-    page.mouse.wheel(0, -400)
-    page.wait_for_timeout(500)
+    open_page(page, title, wait_text)
     shots.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
 

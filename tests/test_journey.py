@@ -35,7 +35,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from helpers.browser import launch, sign_in
+from helpers.browser import launch, open_page, sign_in
 from helpers.serving import free_port, wait_until
 from PIL import Image as PILImage
 from sqlalchemy import func, select
@@ -159,14 +159,6 @@ def _shot(page, shots: Path, name: str) -> None:
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
 
 
-def _open(page, title: str, wait_text: str) -> None:
-    page.get_by_role("link", name=title).click()
-    page.get_by_text(wait_text).first.wait_for(timeout=120_000)
-    if page.locator('[data-testid="stPlotlyChart"]').count():
-        page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
-    page.wait_for_timeout(1500)
-
-
 def _preview_loaded(page) -> bool:
     return page.evaluate(
         """() => [...document.querySelectorAll('img')].some(
@@ -222,14 +214,14 @@ def _journey(demo: dict, engine) -> None:
         analyst = browser.new_page(viewport={"width": 1400, "height": 1400})
         sign_in(analyst, demo["wb"], "demo-analyst", DEMO_LEAD_PASSWORD)
         assert analyst.get_by_role("button", name="Deploy").count() == 0  # viewer mode
-        _open(analyst, "Overview", "Feedback")
+        open_page(analyst, "Overview", "Feedback")
         feedback = analyst.locator('[data-testid="stMetric"]').filter(has_text="Feedback")
         assert feedback.locator('[data-testid="stMetricValue"]').inner_text().strip() == "1"
         verdict = analyst.get_by_text(f"the model said {predicted}, it is {right}")
         verdict.wait_for(timeout=30_000)
         verdict.scroll_into_view_if_needed()
         _shot(analyst, shots, "journey-analyst-overview")
-        _open(analyst, "Review queue", "items to do")
+        open_page(analyst, "Review queue", "items to do")
         # the expert's answer settled that image: labelled with what they said, out of the queue
         with Session(engine) as s:
             settled = s.scalars(select(ReviewItem).where(ReviewItem.state == "resolved")).all()
@@ -255,7 +247,7 @@ def _journey(demo: dict, engine) -> None:
         # 3. the ML lead: retrain on the worker, compare, approve
         lead = browser.new_page(viewport={"width": 1400, "height": 1400})
         sign_in(lead, demo["wb"], "demo-lead", DEMO_LEAD_PASSWORD)
-        _open(lead, "Training runs", "Start retrain on the worker")
+        open_page(lead, "Training runs", "Start retrain on the worker")
         lead.get_by_label("Epochs").fill("2")
         lead.get_by_role("button", name="Start retrain on the worker").click()
         lead.get_by_text("retrain started on the worker").wait_for(timeout=60_000)
@@ -263,12 +255,12 @@ def _journey(demo: dict, engine) -> None:
 
         versions = _poll(engine, select(func.count(ModelVersion.id)))
         wait_until(lambda: versions() >= 2, timeout=600, every=2, what="the retrain to register v2")
-        _open(lead, "Training runs", "Training runs")
+        open_page(lead, "Training runs", "Training runs")
         _shot(lead, shots, "journey-lead-training")
-        _open(lead, "Model comparison", "v2 vs v1")
+        open_page(lead, "Model comparison", "v2 vs v1")
         lead.get_by_text("McNemar").first.wait_for(timeout=60_000)
         _shot(lead, shots, "journey-lead-compare")
-        _open(lead, "Promotions", "Policy:")
+        open_page(lead, "Promotions", "Policy:")
         lead.get_by_label("Reason (kept for ever)").fill(
             "v2 learned from the experts' verdicts and the review queue; approving after review"
         )
