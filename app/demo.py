@@ -1,7 +1,9 @@
 """The Gradio demo mounted at /demo: upload, paste or photograph an image, see the top-k,
 say "correct" or "wrong, it is X", and which model version answers (refreshed every few
-seconds, so a hot swap shows without a reload). Built on the same PredictionService as the
-REST API."""
+seconds, so a hot swap shows without a reload). With more than one project a project picker
+shows (starting on ``default``): predictions use the chosen project's model and land in it, and
+a verdict goes to the project of the prediction it is about. Built on the same
+PredictionService as the REST API."""
 
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from quarkflow_core.config import Settings
 from quarkflow_core.errors import QuarkflowError
+from quarkflow_core.schema import DEFAULT_PROJECT, DEFAULT_PROJECT_ID
 from quarkflow_core.service import ANONYMOUS, PredictionService, Principal
 
 DEMO_PATH = "/demo"
@@ -116,27 +119,46 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
             return ANONYMOUS
         raise gr.Error("Sign in first.")
 
-    def serving_line(shown: str | None) -> tuple[Any, Any, str]:
-        """The served version, on page load and on every tick; unchanged ones are skipped so
+    def projects() -> dict[str, int]:
+        """Project name -> id, as the service's champion watcher last listed them."""
+        return service.project_names() or {DEFAULT_PROJECT: DEFAULT_PROJECT_ID}
+
+    def serving_line(shown: str | None, project: str | None) -> tuple[Any, Any, str, Any]:
+        """The chosen project's served version (and the project picker, shown once there is
+        more than one project), on page load and on every tick; unchanged ones are skipped so
         an open "Right label" list is not redrawn under the user."""
-        current = service.holder.current
-        key = "" if current is None else f"v{current.version} {current.backend_name}"
+        names = projects()
+        project = project if project in names else DEFAULT_PROJECT
+        current = service.current(names.get(project, DEFAULT_PROJECT_ID))
+        served = "" if current is None else f"v{current.version} {current.backend_name}"
+        key = f"{project}|{served}|{','.join(names)}"
         if key == shown:
-            return gr.skip(), gr.skip(), key
+            return gr.skip(), gr.skip(), key, gr.skip()
+        picker = gr.update(choices=list(names), value=project, visible=len(names) > 1)
+        where = f" in project **{project}**" if len(names) > 1 else ""
         if current is None:
-            return "**No model is being served yet.**", gr.update(choices=[]), key
+            return f"**No model is being served{where} yet.**", gr.update(choices=[]), key, picker
         return (
-            f"Model **v{current.version}** ({current.backend_name} backend)",
+            f"Model **v{current.version}** ({current.backend_name} backend){where}",
             gr.update(choices=current.classes),
             key,
+            picker,
         )
 
-    def predict(path: str | None, request: gr.Request) -> tuple[dict, str, str | None, str]:
+    def predict(
+        path: str | None, project: str | None, request: gr.Request
+    ) -> tuple[dict, str, str | None, int | None, str]:
         if not path:
-            return {}, "", None, ""
+            return {}, "", None, None, ""
         data = Path(path).read_bytes()
+        names, name = projects(), project or DEFAULT_PROJECT
+        if name not in names:  # never someone else's model by default
+            raise gr.Error(f"no project {name!r} is served here; projects: {', '.join(names)}")
+        project_id = names[name]
         try:
-            (result,) = service.predict([(data, None)], principal=who(request), source="demo")
+            (result,) = service.predict(
+                [(data, None)], principal=who(request), source="demo", project_id=project_id
+            )
         except QuarkflowError as exc:
             raise gr.Error(exc.detail) from None
         bars = {t["label"]: t["confidence"] for t in result["topk"]}
@@ -146,9 +168,15 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
         )
         if result["review"]:
             note += " · low confidence: sent to the review queue"
-        return bars, note, result["id"], ""
+        return bars, note, result["id"], project_id, ""
 
-    def record(pred_id: str | None, verdict: str, label: str | None, request: gr.Request) -> str:
+    def record(
+        pred_id: str | None,
+        pred_project: int | None,
+        verdict: str,
+        label: str | None,
+        request: gr.Request,
+    ) -> str:
         if not pred_id:
             raise gr.Error("Predict an image first.")
         if verdict == "wrong" and not label:
@@ -160,6 +188,7 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
                 true_label=label if verdict == "wrong" else None,
                 comment=None,
                 principal=who(request),
+                project_id=pred_project or DEFAULT_PROJECT_ID,
             )
         except QuarkflowError as exc:
             raise gr.Error(exc.detail) from None
@@ -170,15 +199,25 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
             "image (it leaves the review queue unless someone disagrees)."
         )
 
-    def correct(pred_id: str | None, request: gr.Request) -> str:
-        return record(pred_id, "correct", None, request)
+    def correct(pred_id: str | None, pred_project: int | None, request: gr.Request) -> str:
+        return record(pred_id, pred_project, "correct", None, request)
 
-    def wrong(pred_id: str | None, label: str | None, request: gr.Request) -> str:
-        return record(pred_id, "wrong", label, request)
+    def wrong(
+        pred_id: str | None, pred_project: int | None, label: str | None, request: gr.Request
+    ) -> str:
+        return record(pred_id, pred_project, "wrong", label, request)
+
+    def choose(project: str) -> tuple[str, dict, str, None, None, str]:
+        """Another project: forget the prediction (its project's), then predict again."""
+        return project, {}, "", None, None, ""
 
     examples_dir = Path(service.settings.data_dir) / "examples"
     with gr.Blocks(title="Quarkflow demo") as demo:
         gr.Markdown("# Quarkflow: is the model right?")
+        picker = gr.Dropdown(
+            choices=[DEFAULT_PROJECT], value=DEFAULT_PROJECT, label="Project", visible=False
+        )
+        project = gr.State(DEFAULT_PROJECT)
         serving = gr.Markdown()
         with gr.Row():
             image = gr.Image(
@@ -194,25 +233,37 @@ def build_demo(service: PredictionService, *, anonymous: bool) -> gr.Blocks:
                 bars = gr.Label(num_top_classes=5, label="Prediction")
                 note = gr.Markdown()
         pred_id = gr.State(None)
+        pred_project = gr.State(None)  # the project of the prediction a verdict is about
         with gr.Row():
             correct_btn = gr.Button("Correct", variant="primary")
             right_label = gr.Dropdown(choices=[], label="Right label", allow_custom_value=True)
             wrong_btn = gr.Button("Wrong: record the right label", variant="stop")
         status = gr.Markdown()
         gr.Examples(examples=example_images(examples_dir), inputs=image, label="Seed digits")
-        image.change(
-            predict, inputs=image, outputs=[bars, note, pred_id, status], api_name="predict"
+        predicted = [bars, note, pred_id, pred_project, status]
+        image.change(predict, inputs=[image, project], outputs=predicted, api_name="predict")
+        correct_btn.click(
+            correct, inputs=[pred_id, pred_project], outputs=status, api_name="correct"
         )
-        correct_btn.click(correct, inputs=pred_id, outputs=status, api_name="correct")
-        wrong_btn.click(wrong, inputs=[pred_id, right_label], outputs=status, api_name="wrong")
+        wrong_btn.click(
+            wrong, inputs=[pred_id, pred_project, right_label], outputs=status, api_name="wrong"
+        )
         shown = gr.State(None)
-        serving_outputs = [serving, right_label, shown]
-        demo.load(serving_line, inputs=shown, outputs=serving_outputs, api_visibility="private")
+        serving_outputs = [serving, right_label, shown, picker]
+        serving_inputs = [shown, project]
+        demo.load(
+            serving_line, inputs=serving_inputs, outputs=serving_outputs, api_visibility="private"
+        )
         gr.Timer(REFRESH_S).tick(
             serving_line,
-            inputs=shown,
+            inputs=serving_inputs,
             outputs=serving_outputs,
             show_progress="hidden",
             api_visibility="private",
         )
+        picker.input(
+            choose, inputs=picker, outputs=[project, *predicted], api_visibility="private"
+        ).then(
+            serving_line, inputs=serving_inputs, outputs=serving_outputs, api_visibility="private"
+        ).then(predict, inputs=[image, project], outputs=predicted, api_visibility="private")
     return demo

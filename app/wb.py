@@ -1,6 +1,7 @@
 """What every workbench page shares: cached engine and storage, the signed-in user, the
-filter sidebar, table columns formatted for people, the "nothing here yet" hints, and turning
-core errors into st.error with what to do."""
+current project (the sidebar's picker, kept in the session and in the URL's ``?project=``),
+the user's role in it, the filter sidebar, table columns formatted for people, the "nothing
+here yet" hints, and turning core errors into st.error with what to do."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from sqlalchemy.orm import Session
 from quarkflow_core import formatting as fmt
 from quarkflow_core.analytics import Filters
 from quarkflow_core.errors import QuarkflowError
-from quarkflow_core.schema import Role
+from quarkflow_core.schema import DEFAULT_PROJECT, DEFAULT_PROJECT_ID, Role
 
 RANGES = {"last 24 hours": 1, "last 7 days": 7, "last 30 days": 30, "all time": None}
+PROJECT_PARAM = "project"  # the URL's query parameter: links keep the project
+PROJECT_STATE = "project"  # st.session_state: the current project's dict (projects.project_dict)
+_PICKER = "project-picker"  # the sidebar picker's widget key: the current project's name
+_COUNT = "project-count"  # how many projects there are (a single one needs no caption)
 
 
 @st.cache_resource
@@ -53,14 +58,98 @@ def user() -> dict[str, Any] | None:
     return st.session_state.get("user")
 
 
-def can(*roles: Role) -> bool:
-    """Whether the signed-in user's role (as at sign-in) may do what ``roles`` may: for
-    showing pages and forms only. The core checks the role in the database again, and audits
-    a refusal, when the action runs (``users.authorize``)."""
-    from quarkflow_core.users import can as role_can
+# --------------------------------------------------------------------------- projects
+
+
+def _keep_in_url() -> None:
+    """The picker's on_change: the URL follows the choice before the rerun reads it back."""
+    st.query_params[PROJECT_PARAM] = st.session_state[_PICKER]
+
+
+def project_picker() -> dict[str, Any]:
+    """The sidebar's "Project" picker (call it inside ``st.sidebar``): the project named in the
+    URL (``?project=birds``, so a shared link opens it), else the one picked earlier in this
+    session, else ``default``. Writes the choice back to the URL and the session; returns the
+    current project (``projects.project_dict``)."""
+    from quarkflow_core import projects
+
+    with session() as s:
+        rows = {p.name: projects.project_dict(p) for p in projects.list_projects(session=s)}
+    if not rows:  # a database from before projects: everything is the default project
+        rows = {DEFAULT_PROJECT: {"id": DEFAULT_PROJECT_ID, "name": DEFAULT_PROJECT, "title": None}}
+    asked = st.query_params.get(PROJECT_PARAM)
+    if asked in rows:
+        st.session_state[_PICKER] = asked
+    elif st.session_state.get(_PICKER) not in rows:
+        st.session_state[_PICKER] = DEFAULT_PROJECT if DEFAULT_PROJECT in rows else next(iter(rows))
+    name = st.selectbox(
+        "Project",
+        list(rows),
+        key=_PICKER,
+        on_change=_keep_in_url,
+        help="Each project has its own images, models, champion, review queue and runs.",
+    )
+    if asked and asked not in rows:
+        st.warning(f"No project {asked!r}: showing {name}.")
+    if st.query_params.get(PROJECT_PARAM) != name:
+        st.query_params[PROJECT_PARAM] = name
+    st.session_state[PROJECT_STATE] = rows[name]
+    st.session_state[_COUNT] = len(rows)
+    return rows[name]
+
+
+def project() -> dict[str, Any]:
+    """The current project (``projects.project_dict``): what the sidebar's picker says; the
+    default project before the picker has run."""
+    current = st.session_state.get(PROJECT_STATE)
+    if current is None:
+        return {"id": DEFAULT_PROJECT_ID, "name": DEFAULT_PROJECT, "title": None}
+    return current
+
+
+def project_id() -> int:
+    return int(project()["id"])
+
+
+def command(args: str) -> str:
+    """A CLI command for the current project: ``quarkflow --project birds ARGS`` (just
+    ``quarkflow ARGS`` in the default project), for the "what to do next" hints."""
+    name = project()["name"]
+    return f"quarkflow {args}" if name == DEFAULT_PROJECT else f"quarkflow --project {name} {args}"
+
+
+def title(text: str) -> None:
+    """A page's title; under it, which project it shows (when there is more than one)."""
+    st.title(text)
+    if st.session_state.get(_COUNT, 1) > 1:
+        p = project()
+        named = f" ({p['title']})" if p.get("title") else ""
+        st.caption(f"Project **{p['name']}**{named}")
+
+
+def role() -> Role | None:
+    """The signed-in user's role in the current project: a grant there, else their role as at
+    sign-in (``projects.role_in``); ``None`` when nobody is signed in."""
+    from sqlalchemy import select
+
+    from quarkflow_core.projects import role_in
+    from quarkflow_core.schema import User
 
     u = user()
-    return bool(u) and role_can(u["role"], roles)
+    if not u:
+        return None
+    with session() as s:
+        uid = s.scalar(select(User.id).where(User.username == u["username"]))
+        return role_in(session=s, project_id=project_id(), user_id=uid, role=Role(u["role"]))
+
+
+def can(*roles: Role) -> bool:
+    """Whether the signed-in user's role in the current project (``role``) may do what
+    ``roles`` may: for showing pages and forms only. The core checks the role in the database
+    again, and audits a refusal, when the action runs (``users.authorize``)."""
+    from quarkflow_core.users import can as role_can
+
+    return role_can(role(), roles)
 
 
 def db_user(s: Session):
@@ -79,25 +168,27 @@ def guarded(fn: Callable[[], Any]) -> Any:
 
 
 def filters(s: Session, *, key: str) -> Filters:
+    """The sidebar's filters over the current project's predictions (its versions and classes;
+    each project keeps its own choice of version and class)."""
     from quarkflow_core.registry import list_versions
+    from quarkflow_core.review import project_classes
 
+    pid = project_id()
     with st.sidebar:
         st.subheader("Filters")
         span = st.selectbox("Time range", list(RANGES), index=1, key=f"{key}-range")
-        versions = [v.version for v in list_versions(session=s)]
+        versions = [v.version for v in list_versions(session=s, project_id=pid)]
         version = st.selectbox(
             "Model version",
             ["all", *versions],
-            key=f"{key}-version",
+            key=f"{key}-{pid}-version",
             format_func=lambda v: v if v == "all" else fmt.version(v),
         )
-        from quarkflow_core.review import project_classes
-
         try:
-            classes = project_classes(session=s)
+            classes = project_classes(session=s, project_id=pid)
         except QuarkflowError:
             classes = []
-        label = st.selectbox("Predicted class", ["all", *classes], key=f"{key}-class")
+        label = st.selectbox("Predicted class", ["all", *classes], key=f"{key}-{pid}-class")
     days = RANGES[span]
     start = datetime.now(UTC) - timedelta(days=days) if days else None
     return Filters(
@@ -112,6 +203,14 @@ def no_predictions_hint(total_ever: int) -> str:
     if total_ever == 0:
         conf = settings()
         api = (conf.public_api_url or conf.api_url or "http://127.0.0.1:8000").rstrip("/")
+        name = project()["name"]
+        if name != DEFAULT_PROJECT:
+            return (
+                f"No predictions in project {name} yet: open the demo at [{api}/demo]({api}/demo),"
+                f" pick {name} and upload an image, or POST images to "
+                f"`{api}/api/v1/projects/{name}/predictions` (the project needs a champion "
+                "first: see Promotions). They show up here within seconds."
+            )
         return (
             f"No predictions yet: open the demo at [{api}/demo]({api}/demo) and upload a digit, "
             f"or POST images to `{api}/api/v1/predictions` (`make demo` sends a few hundred "

@@ -1,5 +1,7 @@
 """The Streamlit workbench: `quarkflow workbench --port 8501`. Sign in with a Quarkflow user;
-each role sees the pages it may use. Pages are thin: they call quarkflow_core and render."""
+pick a project in the sidebar (``default`` first; ``?project=NAME`` in a link opens that one);
+each role, in that project, sees the pages it may use. Pages are thin: they call
+quarkflow_core for the current project (``wb.project_id()``) and render."""
 
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ if user is None:
     login = st.Page(sign_in, title="Sign in", icon=":material/login:")
     st.navigation([login], position="hidden").run()
 else:
+    with st.sidebar:
+        wb.project_picker()  # before the pages: the role that counts is the project's
     pages = [
         page("overview", "Overview", ":material/monitoring:"),
         page("predictions", "Predictions", ":material/image:"),
@@ -60,7 +64,8 @@ else:
         ]
     pages.append(page("promotions", "Promotions", ":material/rocket_launch:"))
     with st.sidebar:
-        st.caption(f"Signed in as **{user['username']}** ({user['role']})")
+        role = wb.role() or user["role"]
+        st.caption(f"Signed in as **{user['username']}** ({role})")
         if st.button("Sign out"):
             st.session_state.pop("user")
             st.rerun()

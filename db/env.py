@@ -45,7 +45,29 @@ def run_migrations_online() -> None:
         engine.dispose()
 
 
+def _sqlite_foreign_keys(connection, on: bool) -> None:
+    """SQLite: foreign keys off while batch mode rebuilds tables that others reference (a
+    rebuild drops and renames the table), and checked when they come back on. The pragma is a
+    no-op inside a transaction, so it goes straight to the driver's connection between them."""
+    if connection.dialect.name != "sqlite" or connection.in_transaction():
+        return
+    raw = connection.connection.driver_connection
+    raw.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    if on:
+        broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RuntimeError(f"migration left rows that break foreign keys: {broken[:5]}")
+
+
 def _run(connection) -> None:
+    _sqlite_foreign_keys(connection, on=False)
+    try:
+        _configure_and_run(connection)
+    finally:
+        _sqlite_foreign_keys(connection, on=True)
+
+
+def _configure_and_run(connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

@@ -1,5 +1,7 @@
 """`batch_predict`: predict every image under a storage prefix (file:// or gs://), logged like
-the API does, on a Dask task runner: a local cluster by default, a real one by address."""
+the API does, on a Dask task runner: a local cluster by default, a real one by address. The
+images and predictions belong to one project (parameter ``project``, default ``default``),
+predicted by its champion."""
 
 from __future__ import annotations
 
@@ -13,19 +15,22 @@ from prefect.artifacts import (
 )
 from prefect_dask import DaskTaskRunner
 
-from flows.common import db, storage, storage_at
+from flows.common import db, resolve_project, storage, storage_at
 from quarkflow_core.config import get_settings
+from quarkflow_core.schema import DEFAULT_PROJECT
 
 
 @task(name="predict-chunk", retries=2, retry_delay_seconds=2)
-def predict_chunk(keys: list[str], source_url: str | None) -> dict[str, Any]:
+def predict_chunk(keys: list[str], source_url: str | None, project_id: int) -> dict[str, Any]:
     from quarkflow_core.batch import champion_predictor, predict_keys
     from quarkflow_core.registry import model_cache_dir
 
     settings = get_settings()
     dest, source = storage(), storage_at(source_url)
     with db() as s:
-        predictor = champion_predictor(session=s, storage=dest, cache_root=model_cache_dir())
+        predictor = champion_predictor(
+            session=s, storage=dest, cache_root=model_cache_dir(), project_id=project_id
+        )
         return predict_keys(
             session=s,
             source=source,
@@ -33,6 +38,7 @@ def predict_chunk(keys: list[str], source_url: str | None) -> dict[str, Any]:
             keys=keys,
             predictor=predictor,
             review_threshold=predictor.threshold(settings.review_threshold),
+            project_id=project_id,
         )
 
 
@@ -47,15 +53,20 @@ def task_runner(address: str | None = None, workers: int = 2) -> DaskTaskRunner:
 
 @flow(name="batch_predict", log_prints=True, task_runner=task_runner())
 def batch_predict(
-    prefix: str, source_url: str | None = None, chunk_size: int = 64
+    prefix: str,
+    source_url: str | None = None,
+    chunk_size: int = 64,
+    project: str = DEFAULT_PROJECT,
 ) -> dict[str, Any]:
-    """Predict all images under ``prefix`` of ``source_url`` (default: QF_STORAGE_URL)."""
+    """Predict all images under ``prefix`` of ``source_url`` (default: QF_STORAGE_URL) into a
+    project, with its champion."""
     from quarkflow_core.batch import list_images
 
+    pid = resolve_project(project)
     source = storage_at(source_url)
     keys = list_images(source, prefix)
     chunks = [keys[i : i + chunk_size] for i in range(0, len(keys), chunk_size)]
-    futures = [predict_chunk.submit(chunk, source_url) for chunk in chunks]
+    futures = [predict_chunk.submit(chunk, source_url, pid) for chunk in chunks]
     bar = create_progress_artifact(progress=0.0, description=f"batch prediction of {prefix}")
     results = []
     for i, future in enumerate(futures, start=1):

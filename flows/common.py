@@ -1,4 +1,5 @@
-"""What every flow needs from the core: settings, a database session, storage, paths."""
+"""What every flow needs from the core: settings, a database session, storage, paths, and the
+project a flow run works in (every flow takes a ``project`` parameter, default ``default``)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,33 @@ def storage_at(url: str | None) -> Storage:
 
 def data_dir() -> Path:
     return Path(get_settings().data_dir)
+
+
+EVERY_PROJECT = "*"  # the scheduled runs' parameter: one pass over every project
+
+
+def each_project(project: str | int | None) -> list[tuple[int, str]]:
+    """(id, name) of the project a run names, or of every project for ``"*"``."""
+    from quarkflow_core.projects import get_project, list_projects
+
+    with db() as s:
+        if project == EVERY_PROJECT:
+            return [(p.id, p.name) for p in list_projects(session=s)]
+        row = get_project(session=s, ref=project)
+        return [(row.id, row.name)]
+
+
+def project_name(project_id: int) -> str:
+    from quarkflow_core.projects import get_project
+
+    with db() as s:
+        return get_project(session=s, ref=project_id).name
+
+
+def resolve_project(project: str | int | None) -> int:
+    """The id of the project a flow run names (``None`` or ``""``: the default project); an
+    unknown name fails the run with NotFound naming the projects."""
+    from quarkflow_core.projects import get_project
+
+    with db() as s:
+        return get_project(session=s, ref=project).id

@@ -1,5 +1,6 @@
 """The deployments `quarkflow worker` serves. The cron schedule of `retrain` exists but is off
-unless QF_RETRAIN_SCHEDULE_ENABLED=true; `label_trigger` checks every QF_LABEL_TRIGGER_S."""
+unless QF_RETRAIN_SCHEDULE_ENABLED=true; `label_trigger` checks every QF_LABEL_TRIGGER_S. The
+two periodic flows run over every project (parameter ``project="*"``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from quarkflow_core.config import Settings
 
 def deployments(settings: Settings) -> list[Any]:
     from flows.batch_predict import batch_predict
+    from flows.common import EVERY_PROJECT
     from flows.labelstudio_sync import labelstudio_sync
     from flows.promote import promote
     from flows.retrain import retrain
@@ -28,10 +30,12 @@ def deployments(settings: Settings) -> list[Any]:
             name="labelstudio_sync",
             interval=settings.labelstudio_sync_s,
             paused=settings.labelstudio_token is None,
+            parameters={"project": EVERY_PROJECT},
         ),
         label_trigger.to_deployment(
             name="label_trigger",
             interval=settings.label_trigger_s,
             paused=settings.retrain_min_new_labels <= 0,
+            parameters={"project": EVERY_PROJECT},
         ),
     ]

@@ -2,7 +2,8 @@
 
 Every task calls one quarkflow_core.pipeline function; retries only where a retry is safe
 (every step is; ``register`` is idempotent). Progress and the final report are Prefect
-artifacts."""
+artifacts. The run works in one project (parameter ``project``, default ``default``): its
+labels, snapshot, training run, versions and champion."""
 
 from __future__ import annotations
 
@@ -16,32 +17,37 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from flows.common import data_dir, db, storage
+from flows.common import data_dir, db, resolve_project, storage
 from quarkflow_core import pipeline as core
 from quarkflow_core.config import get_settings
+from quarkflow_core.schema import DEFAULT_PROJECT
 
 
 @task(name="snapshot", retries=2, retry_delay_seconds=2)
-def snapshot_task() -> dict[str, Any]:
+def snapshot_task(project_id: int) -> dict[str, Any]:
     from quarkflow_core.labels import build_training_snapshot
 
     with db() as s:
         _, _, report = build_training_snapshot(
-            session=s, holdout_share=get_settings().holdout_share
+            session=s, holdout_share=get_settings().holdout_share, project_id=project_id
         )
     return report
 
 
 @task(name="find-existing")
-def existing_task(snapshot_id: int, spec: core.RetrainSpec) -> tuple[str, int | None]:
+def existing_task(
+    snapshot_id: int, spec: core.RetrainSpec, project_id: int
+) -> tuple[str, int | None]:
     with db() as s:
-        key = core.snapshot_key(session=s, snapshot_id=snapshot_id, spec=spec)
-        row = core.existing_candidate(session=s, key=key)
+        key = core.snapshot_key(
+            session=s, snapshot_id=snapshot_id, spec=spec, project_id=project_id
+        )
+        row = core.existing_candidate(session=s, key=key, project_id=project_id)
         return key, row.version if row else None
 
 
 @task(name="train", retries=2, retry_delay_seconds=1)
-def train_task(snapshot_id: int, spec: core.RetrainSpec) -> dict[str, Any]:
+def train_task(snapshot_id: int, spec: core.RetrainSpec, project_id: int) -> dict[str, Any]:
     bar = create_progress_artifact(progress=0.0, description=f"training {spec.architecture}")
 
     def on_progress(ev: Any) -> None:
@@ -56,13 +62,16 @@ def train_task(snapshot_id: int, spec: core.RetrainSpec) -> dict[str, Any]:
             spec=spec,
             out_root=data_dir() / "artifacts" / "retrain",
             progress=on_progress,
+            project_id=project_id,
         )
     update_progress_artifact(bar, progress=100.0)
     return out
 
 
 @task(name="prune", retries=1)
-def prune_task(artifact_dir: str, snapshot_id: int, spec: core.RetrainSpec) -> dict[str, Any]:
+def prune_task(
+    artifact_dir: str, snapshot_id: int, spec: core.RetrainSpec, project_id: int
+) -> dict[str, Any]:
     with db() as s:
         return core.prune_step(
             session=s,
@@ -70,11 +79,12 @@ def prune_task(artifact_dir: str, snapshot_id: int, spec: core.RetrainSpec) -> d
             artifact_dir=artifact_dir,
             snapshot_id=snapshot_id,
             spec=spec,
+            project_id=project_id,
         )
 
 
 @task(name="export", retries=1)
-def export_task(artifact_dir: str, snapshot_id: int, fmt: str) -> float:
+def export_task(artifact_dir: str, snapshot_id: int, fmt: str, project_id: int) -> float:
     with db() as s:
         return core.export_step(
             session=s,
@@ -82,11 +92,14 @@ def export_task(artifact_dir: str, snapshot_id: int, fmt: str) -> float:
             artifact_dir=artifact_dir,
             snapshot_id=snapshot_id,
             fmt=fmt,
+            project_id=project_id,
         )
 
 
 @task(name="register", retries=2, retry_delay_seconds=2)
-def register_task(key: str, artifact_dir: str, parent_dir: str | None) -> dict[str, Any]:
+def register_task(
+    key: str, artifact_dir: str, parent_dir: str | None, project_id: int
+) -> dict[str, Any]:
     from quarkflow_core.registry import PolicyConfig, model_cache_dir
 
     with db() as s:
@@ -98,21 +111,23 @@ def register_task(key: str, artifact_dir: str, parent_dir: str | None) -> dict[s
             parent_dir=parent_dir,
             actor="flow:retrain",
             cache_root=model_cache_dir(),
-            policy=PolicyConfig.from_settings(),
+            policy=PolicyConfig.for_project(session=s, project_id=project_id),
+            project_id=project_id,
         )
 
 
 @task(name="judge-existing")
-def judge_task(version: int) -> dict[str, Any]:
+def judge_task(version: int, project_id: int) -> dict[str, Any]:
     from quarkflow_core.registry import PolicyConfig, get_version, model_cache_dir
 
     with db() as s:
         return core.judge(
             session=s,
             storage=storage(),
-            row=get_version(session=s, ref=version),
+            row=get_version(session=s, ref=version, project_id=project_id),
             cache_root=model_cache_dir(),
-            policy=PolicyConfig.from_settings(),
+            policy=PolicyConfig.for_project(session=s, project_id=project_id),
+            project_id=project_id,
         )
 
 
@@ -129,8 +144,10 @@ def retrain(
     prune_ratio: float | None = None,
     export: str | None = "onnx",
     min_epochs: int | None = None,
+    project: str = DEFAULT_PROJECT,
 ) -> dict[str, Any]:
-    """Retrain from seed + feedback + annotations; register the candidate as challenger."""
+    """Retrain a project from seed + feedback + annotations; register the candidate as its
+    challenger."""
     spec = core.RetrainSpec(
         architecture=architecture,
         epochs=epochs,
@@ -144,27 +161,35 @@ def retrain(
         export=export,
         min_epochs=min_epochs,
     )
-    snap = snapshot_task()
-    key, existing = existing_task(snap["snapshot_id"], spec)
-    result: dict[str, Any] = {"snapshot": snap, "spec": asdict(spec), "key": key}
+    pid = resolve_project(project)
+    snap = snapshot_task(pid)
+    key, existing = existing_task(snap["snapshot_id"], spec, pid)
+    result: dict[str, Any] = {
+        "project": project,
+        "snapshot": snap,
+        "spec": asdict(spec),
+        "key": key,
+    }
     if existing is not None:
         print(f"snapshot {snap['snapshot_id']} with this spec was trained already: v{existing}")
-        result.update(reused=True, candidate=judge_task(existing))
+        result.update(reused=True, candidate=judge_task(existing, pid))
     else:
-        trained = train_task(snap["snapshot_id"], spec)
+        trained = train_task(snap["snapshot_id"], spec, pid)
         candidate_dir, parent_dir = trained["artifact_dir"], None
         if prune_ratio:
-            pruned = prune_task(candidate_dir, snap["snapshot_id"], spec)
+            pruned = prune_task(candidate_dir, snap["snapshot_id"], spec, pid)
             result["prune"] = pruned["report"]
             candidate_dir, parent_dir = pruned["artifact_dir"], candidate_dir
         if export:
             if parent_dir:
-                export_task(parent_dir, snap["snapshot_id"], export)
-            result["parity_max_abs_diff"] = export_task(candidate_dir, snap["snapshot_id"], export)
+                export_task(parent_dir, snap["snapshot_id"], export, pid)
+            result["parity_max_abs_diff"] = export_task(
+                candidate_dir, snap["snapshot_id"], export, pid
+            )
         result.update(
             reused=False,
             training=trained,
-            candidate=register_task(key, candidate_dir, parent_dir),
+            candidate=register_task(key, candidate_dir, parent_dir, pid),
         )
     create_markdown_artifact(
         key="retrain-report",

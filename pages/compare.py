@@ -11,10 +11,13 @@ from quarkflow_core import formatting as fmt
 from quarkflow_core import registry
 from quarkflow_core.ml.compare import power_statement
 
-NEXT_VERSION = (
-    "an ML lead starts a retrain on Training runs, or run `quarkflow train --out DIR` then "
-    "`quarkflow models register DIR --challenger`"
-)
+
+def next_version() -> str:
+    """How to get another version, with the CLI commands for the current project."""
+    return (
+        f"an ML lead starts a retrain on Training runs, or run `{wb.command('train --out DIR')}`"
+        f" then `{wb.command('models register DIR --challenger')}`"
+    )
 
 
 def metric_table(rep: dict, a: int, b: int) -> None:
@@ -51,19 +54,20 @@ def metric_table(rep: dict, a: int, b: int) -> None:
 
 
 def body() -> None:
-    st.title("Model comparison")
+    wb.title("Model comparison")
+    pid = wb.project_id()
     with wb.session() as s:
-        versions = registry.list_versions(session=s)
+        versions = registry.list_versions(session=s, project_id=pid)
         if len(versions) < 2:
             have = (
                 f"Only {fmt.version(versions[0].version)} is registered"
                 if versions
                 else "No model version is registered yet"
             )
-            st.info(f"{have}: a comparison needs two. To get another, {NEXT_VERSION}.")
+            st.info(f"{have}: a comparison needs two. To get another, {next_version()}.")
             return
         names = {v.version: v for v in versions}
-        named = {a: v.version for a, v in registry.aliases(session=s).items()}
+        named = {a: v.version for a, v in registry.aliases(session=s, project_id=pid).items()}
         default_a = named.get("champion", versions[0].version)
         others = [v.version for v in versions if v.version != default_a]
         default_b = named.get("challenger", others[-1])  # never A itself: nothing to compare
@@ -90,6 +94,7 @@ def body() -> None:
                 a=names[a],
                 b=names[b],
                 cache_root=registry.model_cache_dir(),
+                project_id=pid,
             )
         variants = [registry.summary(v, session=s) for v in versions]
     verdict = rep["verdict"]
@@ -204,7 +209,9 @@ def body() -> None:
 
         with wb.session() as s:
             keys = [
-                get_image_by_sha(session=s, sha256=rep["holdout_image_sha256"][i]).storage_key
+                get_image_by_sha(
+                    session=s, sha256=rep["holdout_image_sha256"][i], project_id=pid
+                ).storage_key
                 for i in dis
             ]
         cols = st.columns(12)

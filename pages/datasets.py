@@ -8,18 +8,20 @@ from app import wb
 from quarkflow_core import analytics
 from quarkflow_core import formatting as fmt
 from quarkflow_core.datasets import list_snapshots, snapshot_items
-from quarkflow_core.schema import Split
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, Split
 
 
 def body() -> None:
-    st.title("Datasets")
+    wb.title("Datasets")
+    pid = wb.project_id()
     with wb.session() as s:
-        snaps = list_snapshots(session=s)
+        snaps = list_snapshots(session=s, project_id=pid)
         if not snaps:
+            also = " (or `make demo`)" if pid == DEFAULT_PROJECT_ID else ""
             st.info(
-                "No dataset snapshot yet: run `quarkflow seed-demo` (or `make demo`) to ingest "
-                "the 5,000 demo digits as the seed snapshot. Retraining then adds a snapshot "
-                "with every batch of new labels."
+                f"No dataset snapshot yet: run `{wb.command('seed-demo')}`{also} to "
+                "ingest the 5,000 demo digits as the seed snapshot. Retraining then adds a "
+                "snapshot with every batch of new labels."
             )
             return
         snap = st.selectbox(
@@ -29,7 +31,7 @@ def body() -> None:
                 f"#{x.id} {x.name}: {fmt.number(x.num_items)} images, {fmt.timestamp(x.created_at)}"
             ),
         )
-        diff = analytics.snapshot_diff(session=s, snapshot_id=snap.id)
+        diff = analytics.snapshot_diff(session=s, snapshot_id=snap.id, project_id=pid)
     df = pd.DataFrame(diff["rows"])
     per_split = df.groupby("split")["count"].sum() if not df.empty else pd.Series(dtype=int)
     cols = st.columns(max(5, 2 + len(per_split)))
@@ -60,7 +62,9 @@ def body() -> None:
     with wb.session() as s:
         examples = [
             i
-            for i in snapshot_items(session=s, snapshot_id=snap.id, split=Split.TRAIN)
+            for i in snapshot_items(
+                session=s, snapshot_id=snap.id, split=Split.TRAIN, project_id=pid
+            )
             if i.label == label
         ][:12]
     if not examples:

@@ -182,17 +182,18 @@ def drift(dr: dict) -> None:
 
 
 def body() -> None:
-    st.title("Overview")
+    wb.title("Overview")
+    pid = wb.project_id()
     with wb.session() as s:
         f = wb.filters(s, key="overview")
         bucket = st.sidebar.radio("Time buckets", ["hour", "day"], horizontal=True)
-        ov = analytics.overview(session=s, filters=f, bucket=bucket)
-        hist = analytics.confidence_histogram(session=s, filters=f, bucket=bucket)
-        dr = analytics.drift(session=s, filters=f)
-        verdicts = analytics.recent_feedback(session=s, filters=f)
+        ov = analytics.overview(session=s, filters=f, bucket=bucket, project_id=pid)
+        hist = analytics.confidence_histogram(session=s, filters=f, bucket=bucket, project_id=pid)
+        dr = analytics.drift(session=s, filters=f, project_id=pid)
+        verdicts = analytics.recent_feedback(session=s, filters=f, project_id=pid)
         # nothing in range: is there anything at all? (decides what the hint says)
         ever = ov["predictions"] or analytics.count_predictions(
-            session=s, filters=analytics.Filters()
+            session=s, filters=analytics.Filters(), project_id=pid
         )
     metrics(ov)
     request_outcomes()

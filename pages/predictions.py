@@ -91,10 +91,11 @@ def feedback_list(feedback: list[dict]) -> None:
     st.markdown("\n".join(lines))
 
 
-def card(row: dict) -> None:
+def card(row: dict, pid: int) -> None:
     with wb.session() as s:
-        detail = prediction_dict(s, get_prediction(session=s, prediction_id=row["id"]))
-        feedback = analytics.prediction_feedback(session=s, prediction_id=row["id"])
+        pred = get_prediction(session=s, prediction_id=row["id"], project_id=pid)
+        detail = prediction_dict(s, pred)
+        feedback = analytics.prediction_feedback(session=s, prediction_id=row["id"], project_id=pid)
     with st.container(border=True):
         pic, facts, chart = st.columns([1, 2, 3])
         pic.image(wb.image(row["storage_key"]), width=140)
@@ -120,15 +121,18 @@ def card(row: dict) -> None:
 
 
 def body() -> None:
-    st.title("Predictions")
+    wb.title("Predictions")
+    pid = wb.project_id()
     with wb.session() as s:
         f = wb.filters(s, key="predictions")
         page = st.sidebar.number_input("Page", min_value=1, value=1, step=1)
         total, rows = analytics.list_predictions(
-            session=s, filters=f, limit=PER_PAGE, offset=(page - 1) * PER_PAGE
+            session=s, filters=f, limit=PER_PAGE, offset=(page - 1) * PER_PAGE, project_id=pid
         )
         # with nothing in range: is there anything at all? (decides what the hint says)
-        ever = total or analytics.count_predictions(session=s, filters=analytics.Filters())
+        ever = total or analytics.count_predictions(
+            session=s, filters=analytics.Filters(), project_id=pid
+        )
     pages = max(1, -(-total // PER_PAGE))
     st.caption(f"{total:,} predictions match; page {page:,} of {pages:,}, newest first")
     if not rows:
@@ -147,7 +151,7 @@ def body() -> None:
             + (f", marked {rows[i]['verdict']}" if rows[i]["verdict"] else "")
         ),
     )
-    card(rows[chosen])
+    card(rows[chosen], pid)
 
 
 wb.guarded(body)

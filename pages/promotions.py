@@ -10,13 +10,17 @@ from quarkflow_core import registry
 from quarkflow_core.errors import QuarkflowError
 from quarkflow_core.schema import Role
 
-NEW_VERSION = (
-    "an ML lead starts a retrain on Training runs, or run `quarkflow train --out DIR` then "
-    "`quarkflow models register DIR --challenger`"
-)
 # Material icons (shipped with Streamlit) render where no emoji font is installed.
 CHECK_ICON = {True: ":green[:material/check_circle:]", False: ":red[:material/cancel:]"}
 INFO_ICON = ":blue[:material/info:]"  # the power statement informs; it never fails
+
+
+def next_version() -> str:
+    """How to register a version, with the CLI commands for the current project."""
+    return (
+        f"an ML lead starts a retrain on Training runs, or run `{wb.command('train --out DIR')}`"
+        f" then `{wb.command('models register DIR --challenger')}`"
+    )
 
 
 def history_table(events: list[dict]) -> None:
@@ -70,13 +74,14 @@ def done(message: str) -> None:
 
 
 def body() -> None:
-    st.title("Promotions")
+    wb.title("Promotions")
+    pid = wb.project_id()
     if message := st.session_state.pop("promotions-done", None):
         st.success(message)
     lead = wb.can(Role.ML_LEAD)
     with wb.session() as s:
-        named = {a: v.version for a, v in registry.aliases(session=s).items()}
-        versions = [v.version for v in registry.list_versions(session=s)]
+        named = {a: v.version for a, v in registry.aliases(session=s, project_id=pid).items()}
+        versions = [v.version for v in registry.list_versions(session=s, project_id=pid)]
     if "champion" in named:
         st.write(f"Champion: **v{named['champion']}**")
     else:
@@ -85,13 +90,13 @@ def body() -> None:
             "`quarkflow demo-bootstrap DIR` for the demo model."
             if versions
             else "No champion yet, and no model version is registered: to register one, "
-            f"{NEW_VERSION}."
+            f"{next_version()}."
         )
     candidates = [v for v in versions if v != named.get("champion")]
     if not candidates and versions:
         st.info(
             f"No candidate: {fmt.version(named.get('champion'))} is the only version. "
-            f"To propose another, {NEW_VERSION}."
+            f"To propose another, {next_version()}."
         )
     if candidates:
         default = named.get("challenger", candidates[-1])
@@ -109,7 +114,8 @@ def body() -> None:
                 storage=wb.storage(),
                 ref=pick,
                 cache_root=registry.model_cache_dir(),
-                config=registry.PolicyConfig.from_settings(),
+                config=registry.PolicyConfig.for_project(session=s, project_id=pid),
+                project_id=pid,
             )
         verdict = p.policy.verdict
         (st.success if p.policy.passed else st.warning)(f"Policy: {verdict}")
@@ -145,11 +151,16 @@ def body() -> None:
                                 reason=reason,
                                 cache_root=registry.model_cache_dir(),
                                 override=override,
-                                config=registry.PolicyConfig.from_settings(),
+                                config=registry.PolicyConfig.for_project(session=s, project_id=pid),
+                                project_id=pid,
                             )
                         else:
                             ev = registry.reject(
-                                session=s, version=pick, user=wb.db_user(s), reason=reason
+                                session=s,
+                                version=pick,
+                                user=wb.db_user(s),
+                                reason=reason,
+                                project_id=pid,
                             )
                 except QuarkflowError as exc:  # refused: say why, keep the rest of the page
                     st.error(exc.detail)
@@ -176,6 +187,7 @@ def body() -> None:
                         user=wb.db_user(s),
                         reason=reason_rb,
                         to=None if isinstance(to, str) else to,
+                        project_id=pid,
                     )
             except QuarkflowError as exc:
                 st.error(exc.detail)
@@ -184,7 +196,10 @@ def body() -> None:
     if not lead:
         st.info("Read-only: approving, rejecting and rolling back need the ml_lead role.")
     with wb.session() as s:
-        events = [registry.event_dict(session=s, event=e) for e in registry.history(session=s)]
+        events = [
+            registry.event_dict(session=s, event=e)
+            for e in registry.history(session=s, project_id=pid)
+        ]
     st.subheader("History")
     if events:
         history_table(events)

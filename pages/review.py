@@ -66,12 +66,13 @@ def suggested(item: dict) -> str | None:
 
 
 def body() -> None:
-    st.title("Review queue")
+    wb.title("Review queue")
+    pid = wb.project_id()
     strategy = wb.settings().review_strategy
     with wb.session() as s:
-        total, items = review_queue(session=s, limit=100, strategy=strategy)
-        classes = project_classes(session=s) if items else []
-        closed = queue_size(s, (ReviewState.CLOSED,))
+        total, items = review_queue(session=s, limit=100, strategy=strategy, project_id=pid)
+        classes = project_classes(session=s, project_id=pid) if items else []
+        closed = queue_size(s, (ReviewState.CLOSED,), project_id=pid)
     if not items:
         fixed = wb.settings().review_threshold
         threshold = (
@@ -124,17 +125,24 @@ def body() -> None:
         with wb.session() as s:
             if confirm:
                 resolve_item(
-                    session=s, item_id=item["id"], label=label, user=wb.db_user(s), classes=classes
+                    session=s,
+                    item_id=item["id"],
+                    label=label,
+                    user=wb.db_user(s),
+                    classes=classes,
+                    project_id=pid,
                 )
             else:
-                dismiss_as_noise(session=s, item_id=item["id"], user=wb.db_user(s))
+                dismiss_as_noise(session=s, item_id=item["id"], user=wb.db_user(s), project_id=pid)
         st.success("Saved.")
         st.rerun()
     if send:
         from quarkflow_core.orchestration import trigger_deployment
 
         run = trigger_deployment(
-            wb.settings().prefect_api_url, name="labelstudio_sync/labelstudio_sync"
+            wb.settings().prefect_api_url,
+            name="labelstudio_sync/labelstudio_sync",
+            parameters={"project": wb.project()["name"]},
         )
         st.success(
             f"Label Studio sync started on the worker (flow run {run[:8]}); "

@@ -82,7 +82,8 @@ REFRESH_S = 5  # the runs table and curves follow a retrain on the worker
 
 
 def body() -> None:
-    st.title("Training runs")
+    wb.title("Training runs")
+    project = wb.project()
     lead = wb.can(Role.ML_LEAD)
     if lead:
         # Enter does not submit: a number typed and confirmed must not start a second run
@@ -103,27 +104,28 @@ def body() -> None:
                     actor=actor,
                     api_url=wb.settings().prefect_api_url,
                     parameters={"epochs": int(epochs), "kfold": int(kfold)},
+                    project_id=project["id"],
                 )
             st.success(
                 f"retrain started on the worker: flow run {run}. It appears below within "
                 "seconds and registers a challenger when it finishes."
             )
-    runs_view(lead)
+    runs_view(lead, int(project["id"]))
 
 
 @st.fragment(run_every=REFRESH_S)
-def runs_view(lead: bool) -> None:
+def runs_view(lead: bool, pid: int) -> None:
     """Re-read every few seconds, so a run started on the worker shows up and its curves
-    grow without a reload."""
+    grow without a reload (the project's runs only)."""
     with wb.session() as s:
-        runs = analytics.training_runs(session=s)
+        runs = analytics.training_runs(session=s, project_id=pid)
     if not runs:
         st.info(
             "No training run yet: ML leads start one with the form above (the worker, "
             "`quarkflow worker`, runs it)."
             if lead
             else "No training run yet: an ML lead starts one from this page, or on a machine "
-            "with the data: `quarkflow train --out DIR`."
+            f"with the data: `{wb.command('train --out DIR')}`."
         )
         return
     runs_table(runs)

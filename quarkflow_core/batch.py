@@ -1,5 +1,6 @@
 """Batch prediction over a storage prefix: the same Predictor, validation and logged records as
-the API (written straight to the database, since a batch job is not answering anyone)."""
+the API (written straight to the database, since a batch job is not answering anyone), in one
+project (``project_id``: its champion predicts, its images and predictions are written)."""
 
 from __future__ import annotations
 
@@ -16,28 +17,35 @@ from quarkflow_core.images import ALLOWED_FORMATS, validate_upload
 from quarkflow_core.outbox import Record
 from quarkflow_core.predictions import PREDICTION, apply_records, prediction_record
 from quarkflow_core.predictor import Predictor, summarize
-from quarkflow_core.schema import Image, ReviewItem
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, Image, ReviewItem
 from quarkflow_core.storage import Storage
 
 IMAGE_SUFFIXES = {f".{e}" for e in ALLOWED_FORMATS.values()} | {".jpeg", ".tiff"}
-_PREDICTORS: dict[str, Predictor] = {}  # per process: sha256 -> loaded champion
+_PREDICTORS: dict[tuple[int, str], Predictor] = {}  # per process: (project, sha256) -> champion
 
 
 def list_images(storage: Storage, prefix: str) -> list[str]:
     return [k for k in storage.list(prefix) if Path(k).suffix.lower() in IMAGE_SUFFIXES]
 
 
-def champion_predictor(*, session: Session, storage: Storage, cache_root: str | Path) -> Predictor:
-    """The current champion, loaded once per process (verified on first load)."""
+def champion_predictor(
+    *,
+    session: Session,
+    storage: Storage,
+    cache_root: str | Path,
+    project_id: int = DEFAULT_PROJECT_ID,
+) -> Predictor:
+    """The project's current champion, loaded once per process (verified on first load)."""
     from quarkflow_core import registry
 
-    row = registry.alias_of(session=session, alias=registry.CHAMPION)
+    row = registry.alias_of(session=session, alias=registry.CHAMPION, project_id=project_id)
     if row is None:
         raise NotFound("there is no champion model to predict with")
-    if row.sha256 not in _PREDICTORS:
+    key = (project_id, row.sha256)  # the same artifact may be another project's v-number
+    if key not in _PREDICTORS:
         path = registry.materialize(storage=storage, row=row, cache_root=cache_root)
-        _PREDICTORS[row.sha256] = Predictor.from_artifact(path, version=row.version)
-    return _PREDICTORS[row.sha256]
+        _PREDICTORS[key] = Predictor.from_artifact(path, version=row.version)
+    return _PREDICTORS[key]
 
 
 def predict_keys(
@@ -49,10 +57,11 @@ def predict_keys(
     predictor: Predictor,
     review_threshold: float,
     batch_size: int = 32,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, Any]:
-    """Predict the images at ``keys`` in ``source`` and log them (blobs to ``storage``, rows to
-    the database) in the caller's transaction (it commits). Invalid files are reported, not
-    logged."""
+    """Predict the images at ``keys`` in ``source`` and log them in the project (blobs to
+    ``storage``, rows to the database) in the caller's transaction (it commits). Invalid files
+    are reported, not logged."""
     records, errors, done = [], [], []
     for start in range(0, len(keys), batch_size):
         chunk = keys[start : start + batch_size]
@@ -82,6 +91,7 @@ def predict_keys(
                 review_threshold=review_threshold,
                 request_id=key[:64],
                 source="batch",
+                project_id=project_id,
             )
             records.append(Record(0, PREDICTION, payload["id"], payload, data, 0))
             done.append(key)
@@ -92,7 +102,7 @@ def predict_keys(
         session.execute(
             select(Image.sha256, ReviewItem.id)
             .join(ReviewItem, ReviewItem.image_id == Image.id)
-            .where(Image.sha256.in_(shas))
+            .where(Image.project_id == project_id, Image.sha256.in_(shas))
         ).all()
     )
     return {

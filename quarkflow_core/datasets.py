@@ -1,4 +1,8 @@
-"""Dataset snapshots: an immutable, content-hashed list of (image, label, split)."""
+"""Dataset snapshots: an immutable, content-hashed list of (image, label, split).
+
+A snapshot belongs to a project (``project_id``, default: the default project) and lists only
+that project's images; its content hash is unique within the project. Another project's
+snapshot is not found, exactly like an unknown id."""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.errors import InvalidInput, NotFound
-from quarkflow_core.schema import DatasetMember, DatasetSnapshot, Image, Split
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, DatasetMember, DatasetSnapshot, Image, Split
+
+_IN_CHUNK = 5000  # ids per IN (...) list: well under SQLite's and Postgres's parameter limits
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,10 @@ def create_snapshot(
     classes: Sequence[str],
     parent_id: int | None = None,
     notes: str | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> tuple[DatasetSnapshot, bool]:
-    """Create a snapshot, or return the existing one with identical content (idempotent)."""
+    """Create a snapshot of the project's images, or return the project's existing one with
+    identical content (idempotent). An image (or parent) of another project is not found."""
     if not members:
         raise InvalidInput("a dataset snapshot needs at least one member")
     unknown = {m.label for m in members} - set(classes)
@@ -91,10 +99,18 @@ def create_snapshot(
             raise InvalidInput(f"image {m.image_id} appears twice in the snapshot")
         seen.add(m.image_id)
     digest = snapshot_hash(members, classes)
-    existing = session.scalar(select(DatasetSnapshot).where(DatasetSnapshot.content_hash == digest))
+    existing = session.scalar(
+        select(DatasetSnapshot).where(
+            DatasetSnapshot.project_id == project_id, DatasetSnapshot.content_hash == digest
+        )
+    )
     if existing is not None:
         return existing, False
+    _check_images(session, sorted(seen), project_id)
+    if parent_id is not None:
+        get_snapshot(session=session, snapshot_id=parent_id, project_id=project_id)
     snap = DatasetSnapshot(
+        project_id=project_id,
         name=name,
         content_hash=digest,
         classes=list(classes),
@@ -116,21 +132,53 @@ def create_snapshot(
     return snap, True
 
 
-def get_snapshot(*, session: Session, snapshot_id: int) -> DatasetSnapshot:
+def _check_images(session: Session, image_ids: list[int], project_id: int) -> None:
+    """NotFound unless every image id is one of the project's images."""
+    found: set[int] = set()
+    for start in range(0, len(image_ids), _IN_CHUNK):
+        chunk = image_ids[start : start + _IN_CHUNK]
+        found.update(
+            session.scalars(
+                select(Image.id).where(Image.project_id == project_id, Image.id.in_(chunk))
+            )
+        )
+    missing = [i for i in image_ids if i not in found]
+    if missing:
+        raise NotFound(
+            f"no image with id {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+
+
+def get_snapshot(
+    *, session: Session, snapshot_id: int, project_id: int = DEFAULT_PROJECT_ID
+) -> DatasetSnapshot:
     snap = session.get(DatasetSnapshot, snapshot_id)
-    if snap is None:
+    if snap is None or snap.project_id != project_id:
         raise NotFound(f"no dataset snapshot with id {snapshot_id}")
     return snap
 
 
-def list_snapshots(*, session: Session) -> list[DatasetSnapshot]:
-    return list(session.scalars(select(DatasetSnapshot).order_by(DatasetSnapshot.id)))
+def list_snapshots(
+    *, session: Session, project_id: int = DEFAULT_PROJECT_ID
+) -> list[DatasetSnapshot]:
+    return list(
+        session.scalars(
+            select(DatasetSnapshot)
+            .where(DatasetSnapshot.project_id == project_id)
+            .order_by(DatasetSnapshot.id)
+        )
+    )
 
 
 def snapshot_items(
-    *, session: Session, snapshot_id: int, split: Split | None = None
+    *,
+    session: Session,
+    snapshot_id: int,
+    split: Split | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> list[SnapshotItem]:
-    get_snapshot(session=session, snapshot_id=snapshot_id)
+    get_snapshot(session=session, snapshot_id=snapshot_id, project_id=project_id)
     q = (
         select(
             DatasetMember.image_id,

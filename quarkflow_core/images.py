@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.errors import InvalidInput, QuarkflowError
-from quarkflow_core.schema import Image
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, Image
 from quarkflow_core.storage import Storage, content_key
 
 ALLOWED_FORMATS = {
@@ -145,8 +145,13 @@ def _sniff_format(data: bytes) -> str | None:
     return None
 
 
-def get_image_by_sha(*, session: Session, sha256: str) -> Image | None:
-    return session.scalar(select(Image).where(Image.sha256 == sha256))
+def get_image_by_sha(
+    *, session: Session, sha256: str, project_id: int = DEFAULT_PROJECT_ID
+) -> Image | None:
+    """A project's image of these bytes (each project has its own row; the blob is shared)."""
+    return session.scalar(
+        select(Image).where(Image.project_id == project_id, Image.sha256 == sha256)
+    )
 
 
 def store_blob(storage: Storage, data: bytes, info: ImageInfo) -> bool:
@@ -155,9 +160,10 @@ def store_blob(storage: Storage, data: bytes, info: ImageInfo) -> bool:
     return storage.put(key, data, content_type=CONTENT_TYPES[info.ext], overwrite=False).created
 
 
-def image_row(info: ImageInfo, *, source: str) -> Image:
-    """The ``images`` row for stored bytes (not yet added to a session)."""
+def image_row(info: ImageInfo, *, source: str, project_id: int = DEFAULT_PROJECT_ID) -> Image:
+    """A project's ``images`` row for stored bytes (not yet added to a session)."""
     return Image(
+        project_id=project_id,
         sha256=info.sha256,
         storage_key=content_key(info.sha256, ext=info.ext),
         width=info.width,
@@ -169,19 +175,25 @@ def image_row(info: ImageInfo, *, source: str) -> Image:
 
 
 def ingest_image(
-    *, session: Session, storage: Storage, data: bytes, source: str, info: ImageInfo | None = None
+    *,
+    session: Session,
+    storage: Storage,
+    data: bytes,
+    source: str,
+    info: ImageInfo | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> tuple[Image, bool]:
-    """Store the bytes once (blob first, then the row) and return (row, created).
+    """Store the bytes once (blob first, then the project's row) and return (row, created).
 
     A blob without a row (a crash in between) is harmless: the next ingest of the same bytes
     reuses it. A row never points at a missing blob.
     """
     info = info or probe_image(data)
-    existing = get_image_by_sha(session=session, sha256=info.sha256)
+    existing = get_image_by_sha(session=session, sha256=info.sha256, project_id=project_id)
     if existing is not None:
         return existing, False
     store_blob(storage, data, info)
-    row = image_row(info, source=source)
+    row = image_row(info, source=source, project_id=project_id)
     session.add(row)
     session.flush()
     return row, True

@@ -27,6 +27,10 @@ The **hold-out grows with the data, and never takes a trained image**:
 
 Hold-out images never enter the training split. Comparisons score both versions on the newest
 snapshot's hold-out (``registry.compare_versions``), so the test set grows with the labels.
+
+All of it is per project (``project_id``, default: the default project): a project's labels
+come from its images (annotations), its predictions (feedback) and its review queue, its
+snapshots grow from its own seed snapshot, and its trigger counts only its new labels.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from quarkflow_core.datasets import MemberSpec, create_snapshot
 from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.queue import feedback_label
 from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
     Annotation,
     AnnotationSource,
     DatasetMember,
@@ -72,12 +77,14 @@ def _majority(votes: Counter) -> str | None:
     return None if rest and rest[0][1] == n else top
 
 
-def resolve_labels(*, session: Session) -> Resolution:
-    """Apply the rule above to every image with any label evidence."""
+def resolve_labels(*, session: Session, project_id: int = DEFAULT_PROJECT_ID) -> Resolution:
+    """Apply the rule above to every image of the project with any label evidence."""
     studio: dict[int, Counter] = defaultdict(Counter)
     seed: dict[int, str] = {}
     for image_id, label, source in session.execute(
         select(Annotation.image_id, Annotation.label, Annotation.source)
+        .join(Image, Image.id == Annotation.image_id)
+        .where(Image.project_id == project_id)
     ):
         if source == AnnotationSource.LABEL_STUDIO:
             studio[image_id][label] += 1
@@ -87,9 +94,9 @@ def resolve_labels(*, session: Session) -> Resolution:
             studio.setdefault(image_id, Counter())
     feedback: dict[int, Counter] = defaultdict(Counter)
     for image_id, verdict, true_label, predicted in session.execute(
-        select(Prediction.image_id, Feedback.verdict, Feedback.true_label, Prediction.label).join(
-            Prediction, Prediction.id == Feedback.prediction_id
-        )
+        select(Prediction.image_id, Feedback.verdict, Feedback.true_label, Prediction.label)
+        .join(Prediction, Prediction.id == Feedback.prediction_id)
+        .where(Prediction.project_id == project_id)
     ):
         label = feedback_label(verdict, true_label, predicted)
         if label:
@@ -97,13 +104,16 @@ def resolve_labels(*, session: Session) -> Resolution:
     out = Resolution()
     out.noise = set(
         session.scalars(
-            select(ReviewItem.image_id).where(ReviewItem.reason == ReviewReason.LABEL_NOISE)
+            select(ReviewItem.image_id).where(
+                ReviewItem.project_id == project_id, ReviewItem.reason == ReviewReason.LABEL_NOISE
+            )
         )
     )
     settled: dict[int, str | None] = {}
     for image_id, state, resolved in session.execute(
         select(ReviewItem.image_id, ReviewItem.state, ReviewItem.resolved_label).where(
-            ReviewItem.state.in_((ReviewState.RESOLVED, ReviewState.DISPUTED))
+            ReviewItem.project_id == project_id,
+            ReviewItem.state.in_((ReviewState.RESOLVED, ReviewState.DISPUTED)),
         )
     ):
         settled[image_id] = resolved if state == ReviewState.RESOLVED else None
@@ -130,38 +140,49 @@ def resolve_labels(*, session: Session) -> Resolution:
     return out
 
 
-def seed_snapshot(*, session: Session) -> DatasetSnapshot:
+def seed_snapshot(*, session: Session, project_id: int = DEFAULT_PROJECT_ID) -> DatasetSnapshot:
+    """The project's first snapshot named ``seed``."""
     snap = session.scalar(
         select(DatasetSnapshot)
-        .where(DatasetSnapshot.name == SEED_NAME)
+        .where(DatasetSnapshot.project_id == project_id, DatasetSnapshot.name == SEED_NAME)
         .order_by(DatasetSnapshot.id)
         .limit(1)
     )
     if snap is None:
-        raise NotFound("no seed snapshot; run `quarkflow seed-demo` or import a seed data set")
+        if project_id == DEFAULT_PROJECT_ID:
+            raise NotFound("no seed snapshot; run `quarkflow seed-demo` or import a seed data set")
+        raise NotFound(f"project {project_id} has no seed snapshot; import a seed data set first")
     return snap
 
 
-def _earlier_splits(session: Session) -> tuple[set[int], set[int]]:
-    """(images ever in a train or val split, images ever in a hold-out split) of any snapshot."""
+def _earlier_splits(session: Session, project_id: int) -> tuple[set[int], set[int]]:
+    """(images ever in a train or val split, images ever in a hold-out split) of any of the
+    project's snapshots."""
     trained: set[int] = set()
     held: set[int] = set()
     for image_id, split in session.execute(
-        select(DatasetMember.image_id, DatasetMember.split).distinct()
+        select(DatasetMember.image_id, DatasetMember.split)
+        .join(DatasetSnapshot, DatasetSnapshot.id == DatasetMember.snapshot_id)
+        .where(DatasetSnapshot.project_id == project_id)
+        .distinct()
     ):
         (held if split == Split.HOLDOUT else trained).add(image_id)
     return trained, held
 
 
 def build_training_snapshot(
-    *, session: Session, name: str = "retrain", holdout_share: float = 0.2
+    *,
+    session: Session,
+    name: str = "retrain",
+    holdout_share: float = 0.2,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> tuple[int, bool, dict]:
     """Snapshot of everything labelled now (idempotent: same content, same snapshot), with the
     hold-out grown by ``holdout_share`` of the new labels per class (the module docstring).
     Returns (snapshot id, created, report)."""
     if not 0.0 < holdout_share <= 0.5:
         raise InvalidInput(f"holdout_share must be in (0, 0.5], got {holdout_share}")
-    seed = seed_snapshot(session=session)
+    seed = seed_snapshot(session=session, project_id=project_id)
     seed_members = set(
         session.scalars(select(DatasetMember.image_id).where(DatasetMember.snapshot_id == seed.id))
     )
@@ -173,10 +194,14 @@ def build_training_snapshot(
             )
         )
     }
-    res = resolve_labels(session=session)
+    res = resolve_labels(session=session, project_id=project_id)
     classes = list(seed.classes)
-    shas = dict(session.execute(select(Image.id, Image.sha256)).tuples().all())
-    trained, held = _earlier_splits(session)
+    shas = dict(
+        session.execute(select(Image.id, Image.sha256).where(Image.project_id == project_id))
+        .tuples()
+        .all()
+    )
+    trained, held = _earlier_splits(session, project_id)
     skipped_unknown = 0
     labelled: dict[int, str] = {}  # usable labels outside the seed hold-out
     for image_id, label in res.labels.items():
@@ -217,6 +242,7 @@ def build_training_snapshot(
             "seed + accepted feedback + Label Studio annotations (quarkflow_core.labels); "
             f"hold-out: seed + {holdout_share:g} of the new labels per class"
         ),
+        project_id=project_id,
     )
     sources = Counter(res.source[m.image_id] for m in members if m.split == Split.TRAIN)
     report = {
@@ -238,16 +264,28 @@ def build_training_snapshot(
     return snap.id, created, report
 
 
-def new_labels_since(*, session: Session, since: datetime | None = None) -> dict[str, Any]:
-    """Labels (feedback with a label, Label Studio annotations) created after ``since``
-    (default: the newest snapshot), in total and per class."""
+def new_labels_since(
+    *, session: Session, since: datetime | None = None, project_id: int = DEFAULT_PROJECT_ID
+) -> dict[str, Any]:
+    """The project's labels (feedback with a label, Label Studio annotations) created after
+    ``since`` (default: the project's newest snapshot), in total and per class."""
     if since is None:
-        since = session.scalar(select(func.max(DatasetSnapshot.created_at)))
+        since = session.scalar(
+            select(func.max(DatasetSnapshot.created_at)).where(
+                DatasetSnapshot.project_id == project_id
+            )
+        )
     per_class: Counter = Counter()
-    fb = select(Feedback.verdict, Feedback.true_label, Prediction.label).join(
-        Prediction, Prediction.id == Feedback.prediction_id
+    fb = (
+        select(Feedback.verdict, Feedback.true_label, Prediction.label)
+        .join(Prediction, Prediction.id == Feedback.prediction_id)
+        .where(Prediction.project_id == project_id)
     )
-    ann = select(Annotation.label).where(Annotation.source == AnnotationSource.LABEL_STUDIO)
+    ann = (
+        select(Annotation.label)
+        .join(Image, Image.id == Annotation.image_id)
+        .where(Image.project_id == project_id, Annotation.source == AnnotationSource.LABEL_STUDIO)
+    )
     if since is not None:
         fb = fb.where(Feedback.created_at > since)
         ann = ann.where(Annotation.created_at > since)
@@ -278,10 +316,12 @@ def retrain_due(
     return True, f"{total} new labels since {counts['since']} (threshold {min_new_labels})"
 
 
-def retrain_check(*, session: Session, settings: Any) -> tuple[bool, str, dict[str, Any]]:
-    """(due, why, counts) under QF_RETRAIN_MIN_NEW_LABELS (0 = never) and
+def retrain_check(
+    *, session: Session, settings: Any, project_id: int = DEFAULT_PROJECT_ID
+) -> tuple[bool, str, dict[str, Any]]:
+    """(due, why, counts) of the project under QF_RETRAIN_MIN_NEW_LABELS (0 = never) and
     QF_RETRAIN_MIN_PER_CLASS: what both the label_trigger flow and the webhook decide on."""
-    counts = new_labels_since(session=session)
+    counts = new_labels_since(session=session, project_id=project_id)
     if settings.retrain_min_new_labels <= 0:
         return False, "the label trigger is off (QF_RETRAIN_MIN_NEW_LABELS=0)", counts
     due, why = retrain_due(

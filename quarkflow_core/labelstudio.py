@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 from xml.sax.saxutils import quoteattr
 
-from quarkflow_core.errors import QuarkflowError
+from quarkflow_core.errors import InvalidInput, QuarkflowError
 
 log = logging.getLogger("quarkflow.labeling")
 T = TypeVar("T")
@@ -115,6 +115,21 @@ def parse_annotation(task: Any, ann: Any) -> PulledAnnotation | None:
         annotator=_annotator(ann),
         created_at=created,
     )
+
+
+def webhook_project(payload: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The Label Studio project a webhook body is about: (id, title). Label Studio sends the
+    project with the payload, and the task names its project's id; (None, None) when neither
+    does. ``review.project_for_labelstudio`` says which of our projects it is."""
+    project, task = payload.get("project"), payload.get("task")
+    ls_id, title = project, None
+    if isinstance(project, dict):
+        ls_id, title = project.get("id"), project.get("title")
+    if ls_id is None and isinstance(task, dict):
+        ls_id = task.get("project")
+    if ls_id is not None and not str(ls_id).isdigit():
+        raise InvalidInput(f"the webhook names Label Studio project {ls_id!r}: not an id")
+    return (None if ls_id is None else int(ls_id)), (str(title) if title else None)
 
 
 def parse_webhook(payload: dict[str, Any]) -> list[PulledAnnotation]:
@@ -235,14 +250,12 @@ class LabelStudio:
                     "value": {"choices": [spec.predicted_label]},
                 }
             ]
+            # Label Studio refuses a null model version or score: leave out what is unknown
+            known = {"score": spec.score, "model_version": spec.model_version}
+            extra = {k: v for k, v in known.items() if v is not None}
             self._call(
                 "create prediction",
-                lambda: self.client.predictions.create(
-                    task=task_id,
-                    result=result,
-                    score=spec.score,
-                    model_version=spec.model_version,
-                ),
+                lambda: self.client.predictions.create(task=task_id, result=result, **extra),
             )
         return task_id
 
@@ -285,9 +298,10 @@ class LabelStudio:
         return int(_get(ann, "id"))
 
     def add_webhook(self, project: Project, url: str, secret: str) -> int:
-        """Send annotation events of the project to ``url`` with a shared-secret header."""
+        """Send annotation events of the project to ``url`` with a shared-secret header (one
+        webhook per project: several projects may send to the same ``url``)."""
         for hook in self._call("list webhooks", lambda: list(self.client.webhooks.list())):
-            if hook.url == url:
+            if hook.url == url and _get(hook, "project") == project.id:
                 return int(hook.id)
         hook = self._call(
             "create webhook",

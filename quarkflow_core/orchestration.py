@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from quarkflow_core.errors import ConfigError
-from quarkflow_core.schema import Role
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, Role
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -110,18 +110,34 @@ def trigger_deployment(
 
 
 def start_retrain(
-    *, session: Session, actor: Actor, api_url: str | None, parameters: dict | None = None
+    *,
+    session: Session,
+    actor: Actor,
+    api_url: str | None,
+    parameters: dict | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> str:
-    """``retrain.start``: an ML lead starts the retrain deployment on the worker (the API, the
-    workbench's Training runs page, ``quarkflow retrain --deployment``). Checked with
-    ``users.authorize``; audited "ok" in the caller's transaction once the run exists. Returns
-    the flow run id."""
+    """``retrain.start``: an ML lead of the project starts the retrain deployment on the worker
+    for it (the API, the workbench's Training runs page, ``quarkflow retrain --deployment``).
+    Checked with ``users.authorize`` in the project; the flow's ``project`` parameter is the
+    project's name; audited "ok" in the caller's transaction once the run exists. Returns the
+    flow run id."""
+    from quarkflow_core.projects import get_project
     from quarkflow_core.users import authorize, record_audit
 
     action = "retrain.start"
     authorize(
-        session, actor=actor, allowed={Role.ML_LEAD}, action=action, what="starting a retrain"
+        session,
+        actor=actor,
+        allowed={Role.ML_LEAD},
+        action=action,
+        what="starting a retrain",
+        project_id=project_id,
     )
+    parameters = {
+        **(parameters or {}),
+        "project": get_project(session=session, ref=project_id).name,
+    }
     run_id = trigger_deployment(api_url, parameters=parameters)
     record_audit(
         session=session,

@@ -5,7 +5,10 @@ snapshot -> train (+ calibrate, hold-out and k-fold evaluation) -> optional prun
 Idempotent: a run is identified by a key over the snapshot's content hash and the training
 spec; when a version with that key is registered already, the flow returns it instead of
 training again. Each step writes into a fresh folder and only ``register`` touches the
-registry (atomically), so a crash at any step leaves no half-registered version."""
+registry (atomically), so a crash at any step leaves no half-registered version.
+
+Every step works in one project (``project_id``, default: the default project): its snapshot,
+its training run, its versions, its champion and challenger."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import get_snapshot
-from quarkflow_core.schema import ModelVersion, Split
+from quarkflow_core.schema import DEFAULT_PROJECT, DEFAULT_PROJECT_ID, ModelVersion, Split
 from quarkflow_core.storage import Storage
 
 
@@ -61,9 +64,15 @@ class RetrainSpec:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def existing_candidate(*, session: Session, key: str) -> ModelVersion | None:
-    """The version a previous run with the same key registered (its candidate), if any."""
-    for row in session.scalars(select(ModelVersion).order_by(ModelVersion.version.desc())):
+def existing_candidate(
+    *, session: Session, key: str, project_id: int = DEFAULT_PROJECT_ID
+) -> ModelVersion | None:
+    """The project's version a previous run with the same key registered (its candidate)."""
+    for row in session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.project_id == project_id)
+        .order_by(ModelVersion.version.desc())
+    ):
         if row.manifest.get("retrain", {}).get("key") == key and row.manifest["retrain"].get(
             "candidate"
         ):
@@ -71,8 +80,15 @@ def existing_candidate(*, session: Session, key: str) -> ModelVersion | None:
     return None
 
 
-def snapshot_key(*, session: Session, snapshot_id: int, spec: RetrainSpec) -> str:
-    return spec.key(get_snapshot(session=session, snapshot_id=snapshot_id).content_hash)
+def snapshot_key(
+    *,
+    session: Session,
+    snapshot_id: int,
+    spec: RetrainSpec,
+    project_id: int = DEFAULT_PROJECT_ID,
+) -> str:
+    snap = get_snapshot(session=session, snapshot_id=snapshot_id, project_id=project_id)
+    return spec.key(snap.content_hash)
 
 
 def train_step(
@@ -83,6 +99,7 @@ def train_step(
     spec: RetrainSpec,
     out_root: str | Path,
     progress: Any = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, Any]:
     """Train + calibrate + evaluate on the snapshot's hold-out (+ k-fold); a fresh folder per
     try."""
@@ -97,6 +114,7 @@ def train_step(
         out_dir=out,
         kfold=spec.kfold,
         progress=progress,
+        project_id=project_id,
     )
     return {
         "artifact_dir": str(outcome.artifact_dir),
@@ -107,7 +125,13 @@ def train_step(
 
 
 def prune_step(
-    *, session: Session, storage: Storage, artifact_dir: str, snapshot_id: int, spec: RetrainSpec
+    *,
+    session: Session,
+    storage: Storage,
+    artifact_dir: str,
+    snapshot_id: int,
+    spec: RetrainSpec,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, Any]:
     from quarkflow_core.ml.artifacts import load_artifact
     from quarkflow_core.ml.data import load_snapshot
@@ -115,7 +139,11 @@ def prune_step(
 
     loaded = load_artifact(artifact_dir)
     data = load_snapshot(
-        session=session, storage=storage, snapshot_id=snapshot_id, preset=loaded.preset
+        session=session,
+        storage=storage,
+        snapshot_id=snapshot_id,
+        preset=loaded.preset,
+        project_id=project_id,
     )
     out = Path(artifact_dir).parent / f"{Path(artifact_dir).name}-pruned-{uuid.uuid4().hex[:6]}"
     report, _ = prune_artifact(
@@ -130,7 +158,13 @@ def prune_step(
 
 
 def export_step(
-    *, session: Session, storage: Storage, artifact_dir: str, snapshot_id: int, fmt: str
+    *,
+    session: Session,
+    storage: Storage,
+    artifact_dir: str,
+    snapshot_id: int,
+    fmt: str,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> float:
     """Export inside the (unregistered) artifact; parity checked on hold-out images."""
     from quarkflow_core.ml.artifacts import load_artifact
@@ -141,7 +175,11 @@ def export_step(
     if (Path(artifact_dir) / ("model.onnx" if fmt == "onnx" else "model.ts")).exists():
         return float(loaded.manifest["exports"][fmt]["parity_max_abs_diff"])  # a retried step
     _, holdout = load_holdout(
-        session=session, storage=storage, snapshot_id=snapshot_id, preset=loaded.preset
+        session=session,
+        storage=storage,
+        snapshot_id=snapshot_id,
+        preset=loaded.preset,
+        project_id=project_id,
     )
     return export_artifact(loaded, fmt=fmt, images=holdout.images[:64])
 
@@ -156,6 +194,7 @@ def register_step(
     actor: str,
     cache_root: str | Path,
     policy: Any = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, Any]:
     """Register (the parent first when the candidate is a pruned variant), make the candidate
     the challenger, and judge it against the champion. Idempotent."""
@@ -166,7 +205,11 @@ def register_step(
         if "retrain" not in verify_artifact(parent_dir):
             add_files(parent_dir, [], retrain={"key": key, "candidate": False})
         registry.register_version(
-            session=session, storage=storage, artifact_dir=parent_dir, created_by=actor
+            session=session,
+            storage=storage,
+            artifact_dir=parent_dir,
+            created_by=actor,
+            project_id=project_id,
         )
     if "retrain" not in verify_artifact(artifact_dir):
         add_files(artifact_dir, [], retrain={"key": key, "candidate": True})
@@ -176,17 +219,36 @@ def register_step(
         artifact_dir=artifact_dir,
         created_by=actor,
         as_challenger=True,
+        project_id=project_id,
     )
-    return judge(session=session, storage=storage, row=row, cache_root=cache_root, policy=policy)
+    return judge(
+        session=session,
+        storage=storage,
+        row=row,
+        cache_root=cache_root,
+        policy=policy,
+        project_id=project_id,
+    )
 
 
 def judge(
-    *, session: Session, storage: Storage, row: ModelVersion, cache_root: str | Path, policy=None
+    *,
+    session: Session,
+    storage: Storage,
+    row: ModelVersion,
+    cache_root: str | Path,
+    policy=None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, Any]:
     from quarkflow_core import registry
 
     proposal = registry.propose(
-        session=session, storage=storage, ref=row, cache_root=cache_root, config=policy
+        session=session,
+        storage=storage,
+        ref=row,
+        cache_root=cache_root,
+        config=policy,
+        project_id=project_id,
     )
     comparison = proposal.evidence.get("comparison") or {}
     return {
@@ -208,8 +270,12 @@ def report_markdown(result: dict[str, Any]) -> str:
     cand = result.get("candidate", {})
     policy = cand.get("policy", {})
     fresh = "reused" if result.get("reused") else "new"
+    project = result.get("project") or DEFAULT_PROJECT
+    named = project != DEFAULT_PROJECT
+    cli = f"quarkflow --project {project}" if named else "quarkflow"
+    where = f" in project {project}" if named else ""
     lines = [
-        f"# Retrain: candidate v{cand.get('version')} ({fresh})",
+        f"# Retrain: candidate v{cand.get('version')}{where} ({fresh})",
         "",
         "| | |",
         "|---|---|",
@@ -231,6 +297,6 @@ def report_markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Approve or reject it in the workbench, the API or "
-        f"`quarkflow models approve v{cand.get('version')} --reason ...`.",
+        f"`{cli} models approve v{cand.get('version')} --reason ...`.",
     ]
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 The service writes records to the outbox first; ``apply_records`` turns them into rows
 (idempotently: a replayed record changes nothing). Readers (API, workbench) use the query
-functions here."""
+functions here. Every record and query belongs to one project (``project_id``; a record
+without one, written before projects, belongs to the default project)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.images import ImageInfo, get_image_by_sha, image_row, store_blob
 from quarkflow_core.outbox import Record
 from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
     Feedback,
     Image,
     ModelVersion,
@@ -44,10 +46,12 @@ def prediction_record(
     user_id: int | None = None,
     request_id: str | None = None,
     source: str = "api",
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, Any]:
     """The logged form of one prediction (outbox payload / batch record), with a new id."""
     return {
         "id": str(uuid.uuid4()),
+        "project_id": project_id,
         "label": summary["label"],
         "confidence": summary["confidence"],
         "topk": summary["topk"],
@@ -62,6 +66,46 @@ def prediction_record(
         "source": source,
         "created_at": datetime.now(UTC).isoformat(),
         "image": asdict(info),
+    }
+
+
+def feedback_record(
+    *,
+    prediction_id: str,
+    predicted: str,
+    verdict: Verdict,
+    true_label: str | None,
+    comment: str | None,
+    classes: list[str],
+    user_id: int | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
+) -> dict[str, Any]:
+    """The logged form of a verdict on a prediction that said ``predicted``, checked: the
+    label must be one of ``classes`` (the project's served model's; none: not checked)."""
+    true_label = (true_label or "").strip() or None
+    if true_label is not None and classes and true_label not in classes:
+        raise InvalidInput(
+            f"unknown label {true_label!r}; valid labels: {', '.join(classes)}",
+            code="unknown_label",
+        )
+    if verdict == Verdict.CORRECT and true_label not in (None, predicted):
+        raise InvalidInput(
+            f"verdict 'correct' but true_label {true_label!r} differs from the predicted "
+            f"{predicted!r}; send verdict 'wrong'",
+        )
+    if comment is not None and len(comment) > 2000:
+        raise InvalidInput("comment too long: at most 2000 characters")
+    if comment is not None and any(ord(c) < 32 and c not in "\t\n\r" for c in comment):
+        raise InvalidInput("comment: must not contain NUL or other control characters")
+    return {
+        "id": str(uuid.uuid4()),
+        "project_id": project_id,
+        "prediction_id": prediction_id,
+        "verdict": verdict.value,
+        "true_label": predicted if verdict == Verdict.CORRECT else true_label,
+        "comment": comment,
+        "user_id": user_id,
+        "created_at": datetime.now(UTC).isoformat(),
     }
 
 
@@ -81,22 +125,26 @@ def _apply_prediction(
     p = record.payload
     if session.get(Prediction, p["id"]) is not None:
         return
+    project_id = int(p.get("project_id", DEFAULT_PROJECT_ID))
     info = ImageInfo(**p["image"])
-    image = get_image_by_sha(session=session, sha256=info.sha256)
+    image = get_image_by_sha(session=session, sha256=info.sha256, project_id=project_id)
     if image is None:
         if not blobs_stored:
             store_blob(storage, record.blob or b"", info)
-        image = image_row(info, source=p.get("source", "api"))
+        image = image_row(info, source=p.get("source", "api"), project_id=project_id)
         session.add(image)
         session.flush()
     version_id = None
     if p.get("model_version") is not None:
         version_id = session.scalar(
-            select(ModelVersion.id).where(ModelVersion.version == p["model_version"])
+            select(ModelVersion.id).where(
+                ModelVersion.project_id == project_id, ModelVersion.version == p["model_version"]
+            )
         )
     session.add(
         Prediction(
             id=p["id"],
+            project_id=project_id,
             image_id=image.id,
             model_version_id=version_id,
             label=p["label"],
@@ -119,15 +167,21 @@ def _apply_prediction(
         unsure=bool(p.get("review")),
         threshold=p.get("review_threshold"),
     )
-    queue.observe(session, image_id=image.id, prediction_id=p["id"], score=score)
+    queue.observe(
+        session, image_id=image.id, prediction_id=p["id"], score=score, project_id=project_id
+    )
 
 
 def _apply_feedback(session: Session, record: Record) -> None:
     f = record.payload
     if session.get(Feedback, f["id"]) is not None:
         return
-    pred = session.get(Prediction, f["prediction_id"])
-    if pred is None:
+    pred = get_prediction(
+        session=session,
+        prediction_id=f["prediction_id"],
+        project_id=int(f.get("project_id", DEFAULT_PROJECT_ID)),
+    )
+    if pred is None:  # unknown, or another project's
         raise NotFound(f"feedback {f['id']} refers to unknown prediction {f['prediction_id']}")
     verdict = Verdict(f["verdict"])
     session.add(
@@ -142,7 +196,7 @@ def _apply_feedback(session: Session, record: Record) -> None:
         )
     )
     session.flush()
-    queue.settle(session, image_id=pred.image_id, prediction_id=pred.id)
+    queue.settle(session, image_id=pred.image_id, prediction_id=pred.id, project_id=pred.project_id)
 
 
 def store_blobs(storage: Storage, records: list[Record]) -> int:
@@ -207,16 +261,35 @@ def prediction_dict(session: Session, pred: Prediction) -> dict[str, Any]:
     }
 
 
-def get_prediction(*, session: Session, prediction_id: str) -> Prediction | None:
-    return session.get(Prediction, prediction_id)
+def pending_dict(p: dict[str, Any]) -> dict[str, Any]:
+    """A prediction acknowledged but still in the outbox, as ``prediction_dict`` shows one."""
+    return {
+        **{k: p[k] for k in ("id", "label", "confidence", "topk", "model_version")},
+        "latency_ms": p["latency_ms"],
+        "created_at": p["created_at"],
+        "image_sha256": p["image"]["sha256"],
+        "logged": False,  # acknowledged, still in the outbox
+        "feedback": [],
+        "review": {"state": "pending", "reason": "low_confidence"} if p["review"] else None,
+    }
 
 
-def latest_prediction(*, session: Session, image_sha256: str) -> Prediction:
-    """The newest logged prediction of an image (by content hash)."""
+def get_prediction(
+    *, session: Session, prediction_id: str, project_id: int = DEFAULT_PROJECT_ID
+) -> Prediction | None:
+    """A project's prediction; None for an unknown id and for another project's."""
+    pred = session.get(Prediction, prediction_id)
+    return pred if pred is not None and pred.project_id == project_id else None
+
+
+def latest_prediction(
+    *, session: Session, image_sha256: str, project_id: int = DEFAULT_PROJECT_ID
+) -> Prediction:
+    """The newest logged prediction of a project's image (by content hash)."""
     pred = session.scalar(
         select(Prediction)
         .join(Image, Image.id == Prediction.image_id)
-        .where(Image.sha256 == image_sha256)
+        .where(Image.project_id == project_id, Image.sha256 == image_sha256)
         .order_by(Prediction.created_at.desc(), Prediction.id)
         .limit(1)
     )
@@ -232,12 +305,17 @@ def review_queue(
     limit: int = 50,
     offset: int = 0,
     strategy: str = "uncertainty",
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """(total, page) of review items. The work queue (the default states) comes in the order
-    ``queue.order`` gives under ``strategy``; any other set of states, newest change first."""
-    total = queue.queue_size(session, states)
+    """(total, page) of a project's review items. The work queue (the default states) comes in
+    the order ``queue.order`` gives under ``strategy``; any other set of states, newest change
+    first."""
+    total = queue.queue_size(session, states, project_id=project_id)
     if tuple(states) == tuple(OPEN_STATES):
-        ids = queue.order(session, strategy=strategy, limit=offset + limit)[offset:]
+        ordered = queue.order(
+            session, strategy=strategy, limit=offset + limit, project_id=project_id
+        )
+        ids = ordered[offset:]
         ordering = None
     else:
         ids, ordering = None, (ReviewItem.updated_at.desc(), ReviewItem.id)
@@ -247,10 +325,13 @@ def review_queue(
         .outerjoin(Prediction, Prediction.id == ReviewItem.prediction_id)
     )
     if ids is not None:
-        found = {row[0].id: row for row in session.execute(query.where(ReviewItem.id.in_(ids)))}
+        query = query.where(ReviewItem.project_id == project_id, ReviewItem.id.in_(ids))
+        found = {row[0].id: row for row in session.execute(query)}
         rows = [found[i] for i in ids if i in found]
     else:
-        query = query.where(ReviewItem.state.in_(states)).order_by(*ordering)
+        query = query.where(
+            ReviewItem.project_id == project_id, ReviewItem.state.in_(states)
+        ).order_by(*ordering)
         rows = session.execute(query.limit(limit).offset(offset)).all()
     page = [
         {

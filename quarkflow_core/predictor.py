@@ -258,15 +258,13 @@ class MicroBatcher:
                     self.on_batch(len(group))
 
 
-def write_pointer(path: Path, predictor: Predictor, artifact_path: Path) -> None:
-    """Remember what is served, so a restart with the database down serves the same model."""
+def write_pointer(path: Path, predictor: Predictor, artifact_path: Path, **extra: Any) -> None:
+    """Remember what is served, so a restart with the database down serves the same model
+    (one pointer per project; ``extra``: e.g. the project's id and name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {"version": predictor.version, "sha256": predictor.sha256, "path": str(artifact_path)}
-        )
-    )
+    served = {"version": predictor.version, "sha256": predictor.sha256, "path": str(artifact_path)}
+    tmp.write_text(json.dumps({**served, **extra}))
     tmp.replace(path)
 
 

@@ -14,6 +14,11 @@
 
 Push and ``sync`` commit by design (see ``quarkflow_core.database``): a task id is committed as
 soon as the task exists in Label Studio, and a sync is committed when it returns.
+
+Projects: every function takes ``project_id`` (default: the default project) and touches only
+that project's items and images. Each project has its own Label Studio project (``ls_title``;
+its id is kept in ``Project.labelstudio_project_id``), and a webhook's Label Studio project
+names ours (``project_for_labelstudio``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.labelstudio import LabelStudio, Project, PulledAnnotation, TaskSpec
 from quarkflow_core.queue import settle
 from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
     Annotation,
     AnnotationSource,
     Image,
@@ -43,6 +49,7 @@ from quarkflow_core.schema import (
     Role,
     User,
 )
+from quarkflow_core.schema import Project as ProjectRow
 from quarkflow_core.users import authorize, record_audit
 
 PUSHABLE = (ReviewState.OPEN,)
@@ -84,12 +91,18 @@ def push_review_items(
     project: Project,
     image_url: Callable[[Image], str],
     limit: int = 500,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, int]:
-    """Send open review items to Label Studio (most urgent first)."""
+    """Send the project's open review items to its Label Studio ``project`` (most urgent
+    first)."""
     rows = session.execute(
         select(ReviewItem, Image)
         .join(Image, Image.id == ReviewItem.image_id)
-        .where(ReviewItem.state.in_(PUSHABLE), ReviewItem.external_task_id.is_(None))
+        .where(
+            ReviewItem.project_id == project_id,
+            ReviewItem.state.in_(PUSHABLE),
+            ReviewItem.external_task_id.is_(None),
+        )
         .order_by(ReviewItem.priority.desc(), ReviewItem.id)
         .limit(limit)
     ).all()
@@ -128,12 +141,17 @@ def push_review_items(
 # --------------------------------------------------------------------------- pull
 
 
-def record_annotations(*, session: Session, pulled: list[PulledAnnotation]) -> dict[str, Any]:
-    """Store annotations (idempotent) and settle every image they touch (queue.settle)."""
+def record_annotations(
+    *, session: Session, pulled: list[PulledAnnotation], project_id: int = DEFAULT_PROJECT_ID
+) -> dict[str, Any]:
+    """Store annotations of the project's images (idempotent) and settle every image they
+    touch (queue.settle). An image the project does not have counts as unknown."""
     created = updated = unknown = 0
     touched: set[int] = set()
     for p in pulled:
-        image = session.scalar(select(Image).where(Image.sha256 == p.image_sha256))
+        image = session.scalar(
+            select(Image).where(Image.project_id == project_id, Image.sha256 == p.image_sha256)
+        )
         if image is None:
             unknown += 1
             continue
@@ -143,6 +161,9 @@ def record_annotations(*, session: Session, pulled: list[PulledAnnotation]) -> d
                 Annotation.external_id == p.external_id,
             )
         )
+        if row is not None and session.get(Image, row.image_id).project_id != project_id:
+            unknown += 1  # recorded in another project: never moved or relabelled from here
+            continue
         if row is None:
             session.add(
                 Annotation(
@@ -162,7 +183,9 @@ def record_annotations(*, session: Session, pulled: list[PulledAnnotation]) -> d
             continue
         touched.add(image.id)
     session.flush()
-    states = Counter(settle(session, image_id=i).value for i in sorted(touched))
+    states = Counter(
+        settle(session, image_id=i, project_id=project_id).value for i in sorted(touched)
+    )
     return {"created": created, "updated": updated, "unknown_images": unknown, **states}
 
 
@@ -172,11 +195,16 @@ def sync(
     studio: LabelStudio,
     project: Project,
     image_url: Callable[[Image], str],
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, Any]:
-    """Push open items, then pull every annotation: the periodic fallback for webhooks.
-    Commits (push already commits per item)."""
-    pushed = push_review_items(session=session, studio=studio, project=project, image_url=image_url)
-    pulled = record_annotations(session=session, pulled=studio.annotations(project))
+    """Push the project's open items to its Label Studio ``project``, then pull every
+    annotation of it: the periodic fallback for webhooks. Commits (push commits per item)."""
+    pushed = push_review_items(
+        session=session, studio=studio, project=project, image_url=image_url, project_id=project_id
+    )
+    pulled = record_annotations(
+        session=session, pulled=studio.annotations(project), project_id=project_id
+    )
     session.commit()
     return {"push": pushed, "pull": pulled}
 
@@ -184,18 +212,37 @@ def sync(
 # --------------------------------------------------------------------------- people
 
 
-def _decide(session: Session, *, item_id: int, user: User, action: str) -> ReviewItem:
-    """The checks every decision on an item shares: role analyst or ml_lead, item exists."""
-    authorize(session, actor=user, allowed={Role.ANALYST, Role.ML_LEAD}, action=action)
+def get_item(*, session: Session, item_id: int, project_id: int = DEFAULT_PROJECT_ID) -> ReviewItem:
+    """A review item of the project; another project's item is NotFound like an unknown id."""
     item = session.get(ReviewItem, item_id)
-    if item is None:
+    if item is None or item.project_id != project_id:
         raise NotFound(f"no review item {item_id}")
     return item
 
 
-def resolve_item(*, session: Session, item_id: int, label: str, user: User, classes: list[str]):
+def _decide(
+    session: Session, *, item_id: int, user: User, action: str, project_id: int
+) -> ReviewItem:
+    """The checks every decision on an item shares: role analyst or ml_lead (in the project),
+    the item exists in the project."""
+    allowed = {Role.ANALYST, Role.ML_LEAD}
+    authorize(session, actor=user, allowed=allowed, action=action, project_id=project_id)
+    return get_item(session=session, item_id=item_id, project_id=project_id)
+
+
+def resolve_item(
+    *,
+    session: Session,
+    item_id: int,
+    label: str,
+    user: User,
+    classes: list[str],
+    project_id: int = DEFAULT_PROJECT_ID,
+):
     """An analyst or ML lead settles an item (disputed or not) with a label."""
-    item = _decide(session, item_id=item_id, user=user, action="review.resolve")
+    item = _decide(
+        session, item_id=item_id, user=user, action="review.resolve", project_id=project_id
+    )
     if label not in classes:
         raise InvalidInput(f"unknown label {label!r}; valid labels: {', '.join(classes)}")
     item.state, item.resolved_label = ReviewState.RESOLVED, label
@@ -207,15 +254,19 @@ def resolve_item(*, session: Session, item_id: int, label: str, user: User, clas
         outcome="ok",
         target_type="review_item",
         target_id=item_id,
-        detail={"label": label},
+        detail={"label": label, "project_id": project_id},
     )
     session.flush()
     return item
 
 
-def dismiss_as_noise(*, session: Session, item_id: int, user: User):
+def dismiss_as_noise(
+    *, session: Session, item_id: int, user: User, project_id: int = DEFAULT_PROJECT_ID
+):
     """Mark an item as label noise: it is left out of training."""
-    item = _decide(session, item_id=item_id, user=user, action="review.dismiss")
+    item = _decide(
+        session, item_id=item_id, user=user, action="review.dismiss", project_id=project_id
+    )
     item.state, item.reason, item.resolved_label = (
         ReviewState.DISMISSED,
         ReviewReason.LABEL_NOISE,
@@ -229,6 +280,7 @@ def dismiss_as_noise(*, session: Session, item_id: int, user: User):
         outcome="ok",
         target_type="review_item",
         target_id=item_id,
+        detail={"project_id": project_id},
     )
     session.flush()
     return item
@@ -260,24 +312,82 @@ def image_url_builder(settings: Any) -> Callable[[Image], str]:
     return lambda image: signed_image_url(base, secret, image.sha256)
 
 
-def project_classes(*, session: Session) -> list[str]:
+def project_classes(*, session: Session, project_id: int = DEFAULT_PROJECT_ID) -> list[str]:
+    """The project's labels: its own class list, else its champion's, else its seed
+    snapshot's."""
     from quarkflow_core import registry
     from quarkflow_core.labels import seed_snapshot
+    from quarkflow_core.projects import get_project
 
-    champ = registry.alias_of(session=session, alias=registry.CHAMPION)
-    return list(champ.classes) if champ else list(seed_snapshot(session=session).classes)
+    own = get_project(session=session, ref=project_id).classes
+    if own:
+        return list(own)
+    champ = registry.alias_of(session=session, alias=registry.CHAMPION, project_id=project_id)
+    if champ is not None:
+        return list(champ.classes)
+    return list(seed_snapshot(session=session, project_id=project_id).classes)
 
 
-def sync_from_settings(*, session: Session, settings: Any) -> dict[str, Any]:
-    """One sync round with the configured Label Studio (the labelstudio_sync flow's body)."""
+LS_TITLE_MAX = 50  # Label Studio refuses longer project titles
+
+
+def ls_title(settings: Any, project: Any) -> str:
+    """The title of a project's Label Studio project: ``QF_LABELSTUDIO_PROJECT`` for the default
+    project (as before projects), ``"<that> · <project name>"`` for the others."""
+    if project.id == DEFAULT_PROJECT_ID:
+        return settings.labelstudio_project
+    return f"{settings.labelstudio_project} · {project.name}"
+
+
+def project_for_labelstudio(
+    session: Session, ls_project_id: int | None, *, title: str | None = None, settings: Any = None
+) -> int:
+    """Our project for a Label Studio project (a webhook's, see ``labelstudio.webhook_project``):
+    the one that recorded its id (``Project.labelstudio_project_id``), else the one whose
+    ``ls_title`` is its ``title``. One nobody recorded yet is the default project's, as before
+    projects, while the default project has recorded none; a payload that names no project is
+    the default project's too. Any other Label Studio project is NotFound."""
+    if ls_project_id is None:
+        return DEFAULT_PROJECT_ID
+    where = ProjectRow.labelstudio_project_id == int(ls_project_id)
+    found = session.scalar(select(ProjectRow.id).where(where).order_by(ProjectRow.id))
+    if found is not None:
+        return int(found)
+    rows = session.scalars(select(ProjectRow).order_by(ProjectRow.id)).all()
+    if title is not None and settings is not None:
+        for row in rows:
+            if ls_title(settings, row) == title:
+                return row.id
+    if any(row.id == DEFAULT_PROJECT_ID and row.labelstudio_project_id is None for row in rows):
+        return DEFAULT_PROJECT_ID
+    raise NotFound(f"no project has Label Studio project {ls_project_id} ({title or 'untitled'})")
+
+
+def sync_from_settings(
+    *, session: Session, settings: Any, project_id: int = DEFAULT_PROJECT_ID
+) -> dict[str, Any]:
+    """One sync round of a project with the configured Label Studio (the labelstudio_sync
+    flow's body): its Label Studio project (``ls_title``) is found or created, recorded on the
+    project, then synced."""
+    from quarkflow_core.projects import get_project
+
+    row = get_project(session=session, ref=project_id)
     studio = studio_from_settings(settings)
-    project = studio.ensure_project(settings.labelstudio_project, project_classes(session=session))
+    classes = project_classes(session=session, project_id=project_id)
+    project = studio.ensure_project(ls_title(settings, row), classes)
+    if row.labelstudio_project_id != project.id:
+        row.labelstudio_project_id = project.id  # committed with the sync, by design
+        session.flush()
     if settings.storage_url.startswith("gs://"):
         bucket, _, prefix = settings.storage_url.removeprefix("gs://").partition("/")
         studio.ensure_gcs_source(
             project, bucket, prefix, emulator=bool(settings.storage_emulator_host)
         )
     result = sync(
-        session=session, studio=studio, project=project, image_url=image_url_builder(settings)
+        session=session,
+        studio=studio,
+        project=project,
+        image_url=image_url_builder(settings),
+        project_id=project_id,
     )
     return {"project_id": project.id, **result}

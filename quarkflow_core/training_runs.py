@@ -1,6 +1,9 @@
 """Training as a service: snapshot -> fit -> calibrate -> evaluate -> artifact, with a
 ``training_runs`` row that tells the workbench what happened (status, device, timings, metrics).
 
+A run belongs to the project of its snapshot (``project_id``, default: the default project);
+the default snapshot is the project's newest.
+
 The CLI and the Prefect flows call these functions; nothing here knows about either."""
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import get_snapshot
 from quarkflow_core.errors import NotFound
-from quarkflow_core.schema import DatasetSnapshot, RunStatus, Split, TrainingRun, json_safe
+from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
+    DatasetSnapshot,
+    RunStatus,
+    Split,
+    TrainingRun,
+    json_safe,
+)
 from quarkflow_core.storage import Storage
 
 
@@ -29,25 +39,41 @@ class TrainOutcome:
     summary: dict[str, Any]
 
 
-def default_snapshot_id(*, session: Session) -> int:
-    """The newest snapshot (the seed one on a fresh install)."""
-    snap_id = session.scalar(select(DatasetSnapshot.id).order_by(DatasetSnapshot.id.desc()))
+def default_snapshot_id(*, session: Session, project_id: int = DEFAULT_PROJECT_ID) -> int:
+    """The project's newest snapshot (the seed one on a fresh install)."""
+    snap_id = session.scalar(
+        select(DatasetSnapshot.id)
+        .where(DatasetSnapshot.project_id == project_id)
+        .order_by(DatasetSnapshot.id.desc())
+        .limit(1)
+    )
     if snap_id is None:
-        raise NotFound("no dataset snapshot yet; run `quarkflow seed-demo` first")
+        if project_id == DEFAULT_PROJECT_ID:
+            raise NotFound("no dataset snapshot yet; run `quarkflow seed-demo` first")
+        raise NotFound(f"project {project_id} has no dataset snapshot yet")
     return snap_id
 
 
-def load_holdout(*, session: Session, storage: Storage, snapshot_id: int | None, preset: Any):
-    """(snapshot id, hold-out ImageSet) of ``snapshot_id`` (default: the newest snapshot)."""
+def load_holdout(
+    *,
+    session: Session,
+    storage: Storage,
+    snapshot_id: int | None,
+    preset: Any,
+    project_id: int = DEFAULT_PROJECT_ID,
+):
+    """(snapshot id, hold-out ImageSet) of ``snapshot_id`` (default: the project's newest
+    snapshot)."""
     from quarkflow_core.ml.data import load_snapshot
 
-    snap_id = snapshot_id or default_snapshot_id(session=session)
+    snap_id = snapshot_id or default_snapshot_id(session=session, project_id=project_id)
     data = load_snapshot(
         session=session,
         storage=storage,
         snapshot_id=snap_id,
         preset=preset,
         splits=(Split.HOLDOUT,),
+        project_id=project_id,
     )
     if Split.HOLDOUT not in data:
         raise NotFound(f"snapshot {snap_id} has no hold-out split")
@@ -80,9 +106,11 @@ def train_from_snapshot(
     review_target_accuracy: float = 0.99,
     progress: Any = None,
     kfold_progress: Any = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> TrainOutcome:
     """Train on the snapshot's train split, calibrate on the validation carve-out, evaluate on
-    its fixed hold-out, and write a verified artifact. Commits the run row at each stage."""
+    its fixed hold-out, and write a verified artifact. Commits the run row (in the project)
+    at each stage; the snapshot must be the project's."""
     import torch
 
     from quarkflow_core.ml.artifacts import save_artifact
@@ -93,8 +121,9 @@ def train_from_snapshot(
     from quarkflow_core.ml.train import fit
 
     config.validate()
-    snap = get_snapshot(session=session, snapshot_id=snapshot_id)
+    snap = get_snapshot(session=session, snapshot_id=snapshot_id, project_id=project_id)
     run = TrainingRun(
+        project_id=project_id,
         status=RunStatus.RUNNING,
         config=config.to_dict(),
         snapshot_id=snap.id,
@@ -105,7 +134,13 @@ def train_from_snapshot(
     session.commit()
     try:
         preset = config.eval_preset()
-        data = load_snapshot(session=session, storage=storage, snapshot_id=snap.id, preset=preset)
+        data = load_snapshot(
+            session=session,
+            storage=storage,
+            snapshot_id=snap.id,
+            preset=preset,
+            project_id=project_id,
+        )
         if Split.TRAIN not in data or Split.HOLDOUT not in data:
             raise NotFound(f"snapshot {snap.id} needs both a train and a holdout split")
         # End the read transaction before minutes of training: on SQLite a transaction that

@@ -29,6 +29,7 @@ from quarkflow_core.errors import (
     NotFound,
     PermissionDenied,
 )
+from quarkflow_core.projects import role_in
 from quarkflow_core.schema import ApiToken, AuditLog, Role, User, parse_enum, utcnow
 from quarkflow_core.security import hash_password, hash_token, new_token, verify_password
 
@@ -231,9 +232,11 @@ def authorize(
     what: str | None = None,
     target_type: str | None = None,
     target_id: str | int | None = None,
+    project_id: int | None = None,
 ) -> None:
     """The one authorization check: return if ``actor``'s role is allowed (admin always is);
-    otherwise audit the refusal and raise ``PermissionDenied``.
+    otherwise audit the refusal and raise ``PermissionDenied``. In a project (``project_id``)
+    the role that counts is ``projects.role_in``: a grant there, else the actor's own.
 
     Call it before the action writes anything. The refusal (outcome ``denied``, the actor,
     ``detail`` = their role and the allowed roles) must outlive the caller's rollback, so it is
@@ -241,10 +244,14 @@ def authorize(
     (``database.begin_write``); the caller's transaction is committed before it. ``what``
     names the action for people ("reading the review queue"; default: ``action``)."""
     roles = _roles(allowed)
-    if can(actor.role, roles):
+    role = role_in(session=session, project_id=project_id, user_id=actor.id, role=actor.role)
+    if can(role, roles):
         return
-    who = _Who(actor.id, actor.username, parse_role(actor.role))
+    who = _Who(actor.id, actor.username, role)
     names = sorted(r.value for r in roles)
+    detail: dict[str, Any] = {"role": who.role.value, "allowed": names}
+    if project_id is not None:
+        detail["project_id"] = project_id
     session.commit()
     begin_write(session)
     record_audit(
@@ -254,7 +261,7 @@ def authorize(
         outcome="denied",
         target_type=target_type,
         target_id=target_id,
-        detail={"role": who.role.value, "allowed": names},
+        detail=detail,
     )
     session.commit()
     raise PermissionDenied(

@@ -1,6 +1,8 @@
 """The workbench's SQL aggregations against values computed independently (numpy, scipy, by
 hand) from a small known data set, on SQLite and on Postgres: both databases must give the same
-numbers."""
+numbers. A second project (``birds``) with its own version 1, champion, snapshots, predictions,
+feedback, review items and training runs sits in the same database throughout: the default
+project's numbers never include it, and its own never include the default project's."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
+from sqlalchemy import select
 
-from quarkflow_core import analytics
+from quarkflow_core import analytics, projects
 from quarkflow_core.analytics import Filters
+from quarkflow_core.errors import NotFound
 from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
     DatasetSnapshot,
     Feedback,
     Image,
@@ -23,6 +28,8 @@ from quarkflow_core.schema import (
     ReviewItem,
     ReviewReason,
     ReviewState,
+    RunStatus,
+    TrainingRun,
     Verdict,
 )
 
@@ -40,33 +47,59 @@ ROWS = [
     (1385, "1", 0.999, 41.0, Verdict.WRONG),
 ]
 TRAIN = {"1": 50, "3": 30, "7": 20}  # the serving version's training split
+# the other project: the same shape of rows, none of the same numbers
+BIRD_ROWS = [
+    (10, "robin", 0.60, 100.0, Verdict.WRONG),
+    (70, "wren", 0.90, 200.0, Verdict.CORRECT),
+    (2000, "robin", 0.80, 300.0, None),
+]
+BIRD_TRAIN = {"robin": 4, "wren": 6}
 
 
-@pytest.fixture
-def known(db_session):
-    s = db_session
+def _snapshot(
+    s, project_id: int, train: dict[str, int], content_hash: str = "c" * 64, parent_id=None
+) -> DatasetSnapshot:
     snap = DatasetSnapshot(
-        name="s",
-        content_hash="c" * 64,
-        classes=sorted(TRAIN),
-        class_counts={"train": TRAIN},
-        num_items=sum(TRAIN.values()),
+        project_id=project_id,
+        name=f"s{project_id}",
+        content_hash=content_hash,  # unique per project: both projects' first is "ccc..."
+        classes=sorted(train),
+        class_counts={"train": train},
+        num_items=sum(train.values()),
+        parent_id=parent_id,
     )
     s.add(snap)
     s.flush()
+    return snap
+
+
+def _fill(s, project_id: int, rows: list, train: dict[str, int], states: tuple) -> None:
+    """A project's champion v1 (trained on ``train``), ``rows`` of predictions with their
+    feedback, review items in ``states`` for the first rows, and a training run."""
+    snap = _snapshot(s, project_id, train)
     version = ModelVersion(
-        version=1,
+        project_id=project_id,
+        version=1,  # each project counts from v1
         architecture="smallcnn",
-        classes=sorted(TRAIN),
-        artifact_key="models/v1",
-        sha256="a" * 64,
+        classes=sorted(train),
+        artifact_key=f"models/{project_id}/v1",
+        sha256=f"{project_id:064d}",
         snapshot_id=snap.id,
     )
     s.add(version)
     s.flush()
-    s.add(ModelAlias(alias="champion", version_id=version.id))
-    for i, (minutes, label, conf, latency, verdict) in enumerate(ROWS):
+    s.add(ModelAlias(project_id=project_id, alias="champion", version_id=version.id))
+    s.add(
+        TrainingRun(
+            project_id=project_id,
+            status=RunStatus.SUCCEEDED,
+            config={"architecture": f"net-{project_id}", "epochs": project_id},
+            snapshot_id=snap.id,
+        )
+    )
+    for i, (minutes, label, conf, latency, verdict) in enumerate(rows):
         image = Image(
+            project_id=project_id,
             sha256=f"{i:064d}",
             storage_key=f"images/{i}.png",
             width=28,
@@ -79,6 +112,7 @@ def known(db_session):
         s.flush()
         when = T0 + timedelta(minutes=minutes)
         pred = Prediction(
+            project_id=project_id,
             image_id=image.id,
             model_version_id=version.id,
             label=label,
@@ -97,10 +131,11 @@ def known(db_session):
                     created_at=when + timedelta(minutes=1),
                 )
             )
-        if i < 3:
-            state = (ReviewState.OPEN, ReviewState.DISPUTED, ReviewState.RESOLVED)[i]
+        if i < len(states):
+            state = states[i]
             s.add(
                 ReviewItem(
+                    project_id=project_id,
                     image_id=image.id,
                     prediction_id=pred.id,
                     reason=ReviewReason.LOW_CONFIDENCE,
@@ -108,7 +143,22 @@ def known(db_session):
                 )
             )
     s.flush()
-    return s
+
+
+@pytest.fixture
+def birds_id(db_session) -> int:
+    return projects.create_project(
+        session=db_session, name="birds", classes=sorted(BIRD_TRAIN), created_by="test"
+    ).id
+
+
+@pytest.fixture
+def known(db_session, birds_id):
+    """The default project's ROWS, and the birds project's BIRD_ROWS beside them."""
+    _fill(db_session, birds_id, BIRD_ROWS, BIRD_TRAIN, (ReviewState.SENT, ReviewState.SENT))
+    states = (ReviewState.OPEN, ReviewState.DISPUTED, ReviewState.RESOLVED)
+    _fill(db_session, DEFAULT_PROJECT_ID, ROWS, TRAIN, states)
+    return db_session
 
 
 def test_overview_matches_independent_computation(known):
@@ -184,3 +234,91 @@ def test_drift_psi_and_js_distance(known):
     assert out["train"] == TRAIN and out["live"] == live
     assert out["psi"] == pytest.approx(float(np.sum((q - p) * np.log(q / p))), rel=1e-4)
     assert out["js_distance"] == pytest.approx(float(jensenshannon(p, q, base=2)), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- two projects
+
+
+def test_the_other_project_sees_only_its_own(known, birds_id):
+    ov = analytics.overview(session=known, filters=Filters(), bucket="day", project_id=birds_id)
+    assert ov["predictions"] == len(BIRD_ROWS) and ov["feedback"] == 2
+    assert ov["live_accuracy"] == pytest.approx(0.5)
+    assert ov["latency_ms"]["p50"] == pytest.approx(200.0)
+    assert [(r["bucket"], r["predictions"]) for r in ov["series"]] == [
+        ("2026-01-01", 2),
+        ("2026-01-02", 1),
+    ]
+    assert ov["review_queue"] == {"open": 0, "sent": 2, "disputed": 0, "resolved": 0}
+    # version numbers are the project's own: its v1, not the default project's
+    v1 = analytics.overview(session=known, filters=Filters(model_version=1), project_id=birds_id)
+    assert v1["predictions"] == len(BIRD_ROWS)
+    none = analytics.overview(session=known, filters=Filters(model_version=2), project_id=birds_id)
+    assert none["predictions"] == 0
+    dist = analytics.class_distribution(session=known, filters=Filters(), project_id=birds_id)
+    assert dist == {"robin": 2, "wren": 1}
+    hist = analytics.confidence_histogram(
+        session=known, filters=Filters(), bucket="day", project_id=birds_id
+    )
+    assert sum(h["count"] for h in hist) == len(BIRD_ROWS)
+    assert {h["bin"] for h in hist} == {0.6, 0.9, 0.8}
+    out = analytics.drift(session=known, filters=Filters(), project_id=birds_id)
+    assert out["version"] == 1 and out["classes"] == ["robin", "wren"]
+    assert out["train"] == BIRD_TRAIN and out["live"] == {"robin": 2, "wren": 1}
+
+
+def test_listings_never_mix_projects(known, birds_id):
+    total, rows = analytics.list_predictions(session=known, filters=Filters(), limit=100)
+    assert total == len(ROWS) and {r["label"] for r in rows} == {"1", "3", "7"}
+    b_total, b_rows = analytics.list_predictions(
+        session=known, filters=Filters(), limit=100, project_id=birds_id
+    )
+    assert b_total == len(BIRD_ROWS) and {r["label"] for r in b_rows} == {"robin", "wren"}
+    assert analytics.count_predictions(session=known, filters=Filters(), project_id=birds_id) == 3
+    assert analytics.count_predictions(session=known, filters=Filters(label="robin")) == 0
+
+    fb = analytics.recent_feedback(session=known, filters=Filters(), limit=100)
+    assert len(fb) == 5 and {f["predicted"] for f in fb} <= {"1", "3", "7"}
+    b_fb = analytics.recent_feedback(
+        session=known, filters=Filters(), limit=100, project_id=birds_id
+    )
+    assert sorted(f["predicted"] for f in b_fb) == ["robin", "wren"]
+    # one prediction's feedback, asked in the wrong project: none (as for an unknown id)
+    bird_pred = b_rows[-1]["id"]  # the oldest: robin, marked wrong
+    assert analytics.prediction_feedback(session=known, prediction_id=bird_pred) == []
+    own = analytics.prediction_feedback(session=known, prediction_id=bird_pred, project_id=birds_id)
+    assert [f["verdict"] for f in own] == ["wrong"]
+
+    runs = analytics.training_runs(session=known)
+    assert [r["architecture"] for r in runs] == [f"net-{DEFAULT_PROJECT_ID}"]
+    b_runs = analytics.training_runs(session=known, project_id=birds_id)
+    assert [r["architecture"] for r in b_runs] == [f"net-{birds_id}"]
+
+
+def test_snapshot_diff_stays_in_its_project(known, birds_id):
+    def first(project_id: int) -> DatasetSnapshot:
+        return known.scalars(
+            select(DatasetSnapshot).where(DatasetSnapshot.project_id == project_id)
+        ).one()
+
+    bird1, default1 = first(birds_id), first(DEFAULT_PROJECT_ID)
+    # birds' snapshot has the lower id: the default project's first still has no previous one
+    assert bird1.id < default1.id
+    assert analytics.snapshot_diff(session=known, snapshot_id=default1.id)["previous"] is None
+    # interleaved: the default project's second snapshot lies between birds' first and second
+    default2 = _snapshot(known, DEFAULT_PROJECT_ID, {**TRAIN, "7": 25}, "d" * 64)
+    bird2 = _snapshot(known, birds_id, {**BIRD_TRAIN, "finch": 3}, "d" * 64)
+    diff = analytics.snapshot_diff(session=known, snapshot_id=bird2.id, project_id=birds_id)
+    assert diff["previous"] == bird1.id
+    assert {(r["label"], r["change"]) for r in diff["rows"]} == {
+        ("finch", 3),
+        ("robin", 0),
+        ("wren", 0),
+    }
+    diff = analytics.snapshot_diff(session=known, snapshot_id=default2.id)
+    assert diff["previous"] == default1.id
+    assert {r["label"]: r["change"] for r in diff["rows"]} == {"1": 0, "3": 0, "7": 5}
+    # another project's snapshot is NotFound, as an unknown id is
+    with pytest.raises(NotFound):
+        analytics.snapshot_diff(session=known, snapshot_id=bird2.id)
+    with pytest.raises(NotFound):
+        analytics.snapshot_diff(session=known, snapshot_id=default2.id, project_id=birds_id)

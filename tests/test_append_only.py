@@ -386,7 +386,7 @@ def test_the_append_only_tables_are_the_same_everywhere(deployment):
             )
             for proc in ("qf_forbid_change", "qf_forbid_truncate")
         }
-    guarded = {model.__tablename__ for model in schema._APPEND_ONLY}
+    guarded = {model.__tablename__ for model in schema.APPEND_ONLY}
     assert set(APPEND_ONLY_TABLES) == set(HISTORY) == guarded
     assert by_trigger == {"qf_forbid_change": guarded, "qf_forbid_truncate": guarded}
 

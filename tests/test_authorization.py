@@ -144,7 +144,8 @@ def test_a_refusal_is_audited_alike_from_the_api_the_cli_and_the_workbench(dep, 
 
     denied = _rows(dep, "models.reject", "denied")
     audited = (lee_id, "lee", "models.reject", "denied", None, None)
-    detail = {"role": "analyst", "allowed": ["ml_lead"]}
+    # the refusal names the project it happened in: the default one, from every entry point
+    detail = {"role": "analyst", "allowed": ["ml_lead"], "project_id": 1}
     assert [_as_audited(d) for d in denied] == [(*audited, detail)] * 3
     assert _rows(dep, "models.reject", "ok") == [] and _rejections(dep) == 0
 

@@ -18,9 +18,9 @@ from helpers.serving import ThreadedServer, free_port, local_deploy, seed_and_re
 from sqlalchemy.orm import Session
 
 from app.api import create_app
+from app.launcher import streamlit_argv
 from quarkflow_core import registry
 from quarkflow_core.demo_data import demo_pngs
-from quarkflow_core.launcher import streamlit_argv
 from quarkflow_core.orchestration import stop_process
 from quarkflow_core.users import create_user
 

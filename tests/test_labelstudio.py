@@ -5,13 +5,13 @@ webhook, an outage, and images read from the GCS emulator."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from helpers.labelstudio import LS_TOKEN, LS_URL, studio_client
 from helpers.serving import TcpProxy, ThreadedServer, deploy, local_deploy, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -23,17 +23,11 @@ from quarkflow_core.labelstudio import LabelStudio, LabelStudioUnavailable
 from quarkflow_core.schema import Annotation, Image, ReviewItem, ReviewState
 
 pytestmark = pytest.mark.integration
-LS_URL = os.environ.get("QF_TEST_LS_URL", "http://127.0.0.1:8080")
-LS_TOKEN = os.environ.get("QF_TEST_LS_TOKEN", "0123456789abcdef0123456789abcdef01234567")
 
 
 @pytest.fixture(scope="session")
 def studio() -> LabelStudio:
-    try:
-        httpx.get(f"{LS_URL}/health", timeout=5).raise_for_status()
-    except httpx.HTTPError as exc:
-        pytest.fail(f"Label Studio not reachable at {LS_URL}: {exc}. Run `make test`.")
-    return LabelStudio(LS_URL, LS_TOKEN)
+    return studio_client()
 
 
 def _queue(client, dep, n: int = 3) -> list[dict]:

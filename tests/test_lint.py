@@ -37,10 +37,15 @@ def test_only_config_reads_the_environment():
 @pytest.mark.unit
 def test_the_core_does_not_import_the_entry_points():
     """quarkflow_core is the library; app/ (the CLI, the API, the workbench) is built on it,
-    never the other way round."""
+    never the other way round: no import of app, and no process started as `python -m app...`
+    (starting the product's processes is the launcher's job, app/launcher.py)."""
     offenders = []
     for path in ROOT.glob("quarkflow_core/**/*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value == "app" or node.value.startswith(("app.", "app/")):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                continue
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:

@@ -85,3 +85,20 @@ def test_simulation_spec_errors_name_the_problem(labelled_folder, tmp_path):
         LabelledData.from_folder(tmp_path)
     bad = CliRunner().invoke(cli.app, ["simulate-loop", "--seeds", "a,b"])
     assert bad.exit_code != 0
+
+
+def test_a_dataset_snapshot_is_labelled_data_for_the_simulator(db_session, tmp_path):
+    """`simulate-loop --snapshot N` reads a snapshot's images and labels (all splits)."""
+    from quarkflow_core.demo_data import seed_demo
+    from quarkflow_core.storage import storage_from_url
+
+    storage = storage_from_url(f"file://{tmp_path}/store")
+    seed_demo(session=db_session, storage=storage, limit=40)
+    db_session.commit()
+    from quarkflow_core.labels import seed_snapshot
+
+    snap = seed_snapshot(session=db_session)
+    data = LabelledData.from_snapshot(session=db_session, storage=storage, snapshot_id=snap.id)
+    pngs, labels = demo_pngs(40)
+    assert sorted(data.labels) == sorted(labels)
+    assert sorted(data.images) == sorted(pngs)

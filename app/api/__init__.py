@@ -11,7 +11,9 @@ Thin: every route authenticates, calls ``quarkflow_core`` and shapes JSON. Error
 - ``errors``: error codes to statuses, the JSON error body and the exception handlers;
 - ``middleware``: body limits, the last-resort 500 and request metrics;
 - one router per resource: ``ops``, ``predictions``, ``feedback``, ``review``, ``images``,
-  ``webhooks``, ``models``, ``users``."""
+  ``webhooks``, ``models``, ``users``, ``projects``. The project-scoped ones (predictions to
+  models) are mounted at ``/api/v1`` (the default project) and again at
+  ``/api/v1/projects/{project}``; ``deps.CurrentProject`` is the project a route works in."""
 
 from app.api.app import LOCAL_HOSTS, create_app
 from app.api.errors import STATUS, error_response

@@ -1,11 +1,26 @@
 """``create_app``: the service, the lifespan, middleware, error handlers, the routers and the
-Gradio demo, wired together. Routes live in one module per resource."""
+Gradio demo, wired together. Routes live in one module per resource.
+
+The project-scoped routers are mounted twice, with the same routes: at ``/api/v1`` (the
+default project, the paths from before projects) and at ``/api/v1/projects/{project}``;
+``deps.CurrentProject`` tells a route which project it works in."""
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from app.api import feedback, images, models, ops, predictions, review, users, webhooks
+from app.api import (
+    feedback,
+    images,
+    models,
+    ops,
+    predictions,
+    projects,
+    review,
+    users,
+    webhooks,
+)
+from app.api.deps import project_path
 from app.api.errors import add_error_handlers
 from app.api.middleware import BodyLimits, EdgeMiddleware
 from quarkflow_core import __version__
@@ -14,8 +29,12 @@ from quarkflow_core.service import PredictionService
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
-# in this order: it is the order of the OpenAPI paths, and of matching
-ROUTERS = (ops, predictions, feedback, review, images, webhooks, models, users)
+# in this order: it is the order of the OpenAPI paths, and of matching. The project-scoped
+# ones: under API_PREFIX (the default project), then again under PROJECT_PREFIX after the rest.
+ROUTERS = (ops, predictions, feedback, review, images, webhooks, models, users, projects)
+PROJECT_SCOPED = (predictions, feedback, review, images, webhooks, models)
+API_PREFIX = "/api/v1"
+PROJECT_PREFIX = "/api/v1/projects/{project}"
 
 
 def create_app(
@@ -61,7 +80,11 @@ def create_app(
     app.add_middleware(EdgeMiddleware, service=service, limits=limits)
     add_error_handlers(app)
     for module in ROUTERS:
-        app.include_router(module.router)
+        app.include_router(module.router, prefix=API_PREFIX if module in PROJECT_SCOPED else "")
+    for module in PROJECT_SCOPED:
+        app.include_router(
+            module.router, prefix=PROJECT_PREFIX, dependencies=[Depends(project_path)]
+        )
 
     if with_demo:
         from app.demo import mount_demo  # Gradio: seconds to import, only when mounted

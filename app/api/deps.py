@@ -1,17 +1,25 @@
 """What routes depend on: the service and settings :func:`app.api.create_app` was built with
 (from ``app.state``, not closures), who is calling, a database session (the route's one
-transaction), and the checked X-Request-Id. Roles are checked by the core, with
-``quarkflow_core.users.authorize`` (the caller's ``Principal`` is an actor as it is)."""
+transaction), the project a route works in, and the checked X-Request-Id. Roles are checked
+by the core, with ``quarkflow_core.users.authorize`` (the caller's ``Principal`` is an actor as
+it is)."""
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from quarkflow_core.config import Settings
-from quarkflow_core.errors import AuthenticationFailed, InvalidInput, PermissionDenied
-from quarkflow_core.schema import User
+from quarkflow_core.errors import (
+    AuthenticationFailed,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    QuarkflowError,
+)
+from quarkflow_core.schema import DEFAULT_PROJECT, DEFAULT_PROJECT_ID, User
 from quarkflow_core.service import ANONYMOUS, PredictionService, Principal
 
 
@@ -75,3 +83,72 @@ def request_id(request: Request) -> str | None:
             "header X-Request-Id: at most 64 printable characters", code="invalid_header"
         )
     return rid
+
+
+# --------------------------------------------------------------------------- the project
+
+ProjectName = Annotated[
+    str,
+    Path(
+        max_length=64,
+        pattern="^[A-Za-z0-9_.-]+$",
+        description="project name (or id)",
+        examples=["default"],
+    ),
+]
+
+
+def project_path(project: ProjectName) -> str:
+    """Declares (and checks) the ``{project}`` path parameter of the project-scoped routers
+    mounted under ``/api/v1/projects/{project}``; :func:`current_project` resolves it."""
+    return project
+
+
+@dataclass(frozen=True)
+class ProjectRef:
+    """The project a route works in, detached from any database session."""
+
+    id: int
+    name: str
+
+    @property
+    def is_default(self) -> bool:
+        return self.id == DEFAULT_PROJECT_ID
+
+
+DEFAULT_REF = ProjectRef(DEFAULT_PROJECT_ID, DEFAULT_PROJECT)
+
+
+def current_project(request: Request, service: Service) -> ProjectRef:
+    """The ``{project}`` path parameter, resolved (name or id); the default project when the
+    route is mounted at ``/api/v1`` (no database read then). An unknown project is NotFound,
+    naming the projects."""
+    ref = request.path_params.get("project")
+    if ref is None:
+        return DEFAULT_REF
+    # the projects the service serves, as of its last listing: no database call, so a
+    # project's predictions keep working while the database is down, as the default's do
+    for name, pid in service.project_names().items():
+        if ref in (name, str(pid)):
+            return ProjectRef(pid, name)
+    from quarkflow_core.projects import get_project
+
+    try:
+        with service.session() as s:  # a project created since; short, the route may not need it
+            row = get_project(session=s, ref=ref)
+            return ProjectRef(row.id, row.name)
+    except NotFound:
+        try:  # the other projects' names only to a caller who may see them
+            principal(request)
+        except QuarkflowError:
+            raise NotFound(f"no project {ref!r}") from None
+        raise
+
+
+CurrentProject = Annotated[ProjectRef, Depends(current_project)]
+
+
+def flow_parameters(project: ProjectRef) -> dict[str, str]:
+    """The Prefect flows' ``project`` parameter (none for the default project: the flows'
+    default, so a default-path request starts exactly what it started before projects)."""
+    return {} if project.is_default else {"project": project.name}

@@ -1,21 +1,27 @@
-"""Feedback on a prediction: correct, or wrong (optionally with the true label)."""
+"""Feedback on a prediction: correct, or wrong (optionally with the true label). Project-scoped."""
 
 from fastapi import APIRouter
 
-from app.api.deps import Service, Who
+from app.api.deps import CurrentProject, Service, Who
 from app.api.schemas import ERRORS, FeedbackIn, FeedbackOut, PredictionId
 
 router = APIRouter()
 
 
 @router.post(
-    "/api/v1/predictions/{prediction_id}/feedback",
+    "/predictions/{prediction_id}/feedback",
     response_model=FeedbackOut,
     status_code=201,
     tags=["predictions"],
     responses=ERRORS,
 )
-def feedback(prediction_id: PredictionId, body: FeedbackIn, who: Who, service: Service) -> dict:
+def feedback(
+    prediction_id: PredictionId,
+    body: FeedbackIn,
+    who: Who,
+    project: CurrentProject,
+    service: Service,
+) -> dict:
     """Say the prediction was correct, or wrong (optionally with the true label).
     Acknowledged only once durable."""
     return service.feedback(
@@ -24,4 +30,5 @@ def feedback(prediction_id: PredictionId, body: FeedbackIn, who: Who, service: S
         true_label=body.true_label,
         comment=body.comment,
         principal=who,
+        project_id=project.id,
     )

@@ -81,6 +81,34 @@ class BodyLimits:
         return self.json_bytes, "QF_MAX_JSON_BYTES"
 
 
+class RouteNames:
+    """The route template a request matched, prefix included, for the metrics: a router
+    included twice (``/api/v1`` and ``/api/v1/projects/{project}``) hands its routes to both
+    mounts, so ``scope["route"]`` alone cannot tell them apart. Built from ``routes`` on first
+    use, like ``BodyLimits``."""
+
+    def __init__(self, routes: list) -> None:
+        self.routes = routes
+        self._mounts: dict[int, list[RouteContext]] | None = None
+
+    def name(self, scope: dict) -> str | None:
+        route = scope.get("route")
+        if route is None:
+            return None
+        if self._mounts is None:
+            mounts: dict[int, list[RouteContext]] = {}
+            for ctx in iter_route_contexts(self.routes):
+                mounts.setdefault(id(ctx.original_route), []).append(ctx)
+            self._mounts = mounts
+        found = self._mounts.get(id(route), [])
+        if len(found) == 1:
+            return found[0].path
+        for ctx in found:
+            if ctx.matches(scope)[0] == Match.FULL:
+                return ctx.path
+        return getattr(route, "path", None)
+
+
 class EdgeMiddleware:
     """Pure ASGI, outside every route:
 
@@ -96,6 +124,7 @@ class EdgeMiddleware:
         self.app = app
         self.service = service
         self.limits = limits
+        self.names = RouteNames(limits.routes)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -163,8 +192,7 @@ class EdgeMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def _observe(self, scope: dict, path: str, code: int, started: float) -> None:
-        route = scope.get("route")
-        name = getattr(route, "path", None)
+        name = self.names.name(scope)
         if name is None:
             name = "/demo" if path.startswith("/demo") else "unmatched"
         m = self.service.metrics

@@ -1,10 +1,19 @@
 """The model registry (versions, aliases, history, promotion decisions) and starting a
-retrain."""
+retrain. Project-scoped: mounted at `/api/v1` (the default project) and at
+`/api/v1/projects/{project}`."""
 
 from fastapi import APIRouter
 from sqlalchemy.orm import Session
 
-from app.api.deps import AppSettings, DbSession, Service, Who, db_user
+from app.api.deps import (
+    AppSettings,
+    CurrentProject,
+    DbSession,
+    Service,
+    Who,
+    db_user,
+    flow_parameters,
+)
 from app.api.schemas import ERRORS, DecisionIn, ModelRef, RetrainIn, RollbackIn
 from quarkflow_core import registry
 from quarkflow_core.orchestration import start_retrain as start_retrain_run
@@ -14,10 +23,10 @@ from quarkflow_core.users import authorize
 router = APIRouter()
 
 
-def alias_tags(s: Session) -> dict[int, list[str]]:
+def alias_tags(s: Session, project_id: int) -> dict[int, list[str]]:
     """Model version id -> the aliases that point at it."""
     tags: dict[int, list[str]] = {}
-    for alias, row in registry.aliases(session=s).items():
+    for alias, row in registry.aliases(session=s, project_id=project_id).items():
         tags.setdefault(row.id, []).append(alias)
     return tags
 
@@ -30,39 +39,52 @@ def decided(s: Session, event: PromotionEvent) -> dict:
     return registry.event_dict(session=s, event=event)
 
 
-@router.get("/api/v1/models", tags=["models"], responses=ERRORS)
-def list_models(who: Who, s: DbSession) -> dict:
+def serving(service: Service, project_id: int) -> dict | None:
+    """What this server serves for the project right now."""
+    current = service.current(project_id)
+    return current.describe() if current else None
+
+
+@router.get("/models", tags=["models"], responses=ERRORS)
+def list_models(who: Who, project: CurrentProject, s: DbSession) -> dict:
     """Every registered version with its aliases and headline metrics."""
-    tags = alias_tags(s)
-    return {"versions": [version_dict(s, r, tags) for r in registry.list_versions(session=s)]}
+    tags = alias_tags(s, project.id)
+    rows = registry.list_versions(session=s, project_id=project.id)
+    return {"versions": [version_dict(s, r, tags) for r in rows]}
 
 
-@router.get("/api/v1/models/aliases", tags=["models"], responses=ERRORS)
-def get_aliases(who: Who, service: Service, s: DbSession) -> dict:
+@router.get("/models/aliases", tags=["models"], responses=ERRORS)
+def get_aliases(who: Who, project: CurrentProject, service: Service, s: DbSession) -> dict:
     """champion / challenger -> version, and what this server is serving right now."""
-    named = {a: r.version for a, r in registry.aliases(session=s).items()}
-    current = service.holder.current
-    return {"aliases": named, "serving": current.describe() if current else None}
+    named = {a: r.version for a, r in registry.aliases(session=s, project_id=project.id).items()}
+    return {"aliases": named, "serving": serving(service, project.id)}
 
 
-@router.get("/api/v1/models/history", tags=["models"], responses=ERRORS)
-def model_history(who: Who, s: DbSession) -> dict:
+@router.get("/models/history", tags=["models"], responses=ERRORS)
+def model_history(who: Who, project: CurrentProject, s: DbSession) -> dict:
     """Every promotion event: who, when, from, to, why, evidence hash."""
+    events = registry.history(session=s, project_id=project.id)
+    return {"events": [registry.event_dict(session=s, event=e) for e in events]}
+
+
+@router.get("/models/{ref}", tags=["models"], responses=ERRORS)
+def get_model(ref: ModelRef, who: Who, project: CurrentProject, s: DbSession) -> dict:
+    """One version (3, v3, champion, challenger) with its lineage."""
+    row = registry.get_version(session=s, ref=ref, project_id=project.id)
     return {
-        "events": [registry.event_dict(session=s, event=e) for e in registry.history(session=s)]
+        **version_dict(s, row, alias_tags(s, project.id)),
+        "lineage": registry.lineage(session=s, row=row),
     }
 
 
-@router.get("/api/v1/models/{ref}", tags=["models"], responses=ERRORS)
-def get_model(ref: ModelRef, who: Who, s: DbSession) -> dict:
-    """One version (3, v3, champion, challenger) with its lineage."""
-    row = registry.get_version(session=s, ref=ref)
-    return {**version_dict(s, row, alias_tags(s)), "lineage": registry.lineage(session=s, row=row)}
-
-
-@router.get("/api/v1/models/{ref}/proposal", tags=["models"], responses=ERRORS)
+@router.get("/models/{ref}/proposal", tags=["models"], responses=ERRORS)
 def proposal(
-    ref: ModelRef, who: Who, service: Service, settings: AppSettings, s: DbSession
+    ref: ModelRef,
+    who: Who,
+    project: CurrentProject,
+    service: Service,
+    settings: AppSettings,
+    s: DbSession,
 ) -> dict:
     """The policy's verdict on making this version champion, with the evidence."""
     authorize(
@@ -71,22 +93,27 @@ def proposal(
         allowed={Role.ANALYST, Role.ML_LEAD},
         action="models.proposal",
         what="reading promotion evidence",
+        project_id=project.id,
     )
     p = registry.propose(
         session=s,
         storage=service.storage,
         ref=ref,
         cache_root=service.cache_root,
-        config=registry.PolicyConfig.from_settings(settings),
+        config=registry.PolicyConfig.for_project(
+            session=s, project_id=project.id, settings=settings
+        ),
+        project_id=project.id,
     )
     return {"evidence_sha256": p.evidence_sha256, **p.evidence}
 
 
-@router.post("/api/v1/models/{ref}/approve", tags=["models"], responses=ERRORS)
+@router.post("/models/{ref}/approve", tags=["models"], responses=ERRORS)
 def approve(
     ref: ModelRef,
     body: DecisionIn,
     who: Who,
+    project: CurrentProject,
     service: Service,
     settings: AppSettings,
     s: DbSession,
@@ -100,20 +127,29 @@ def approve(
         reason=body.reason,
         cache_root=service.cache_root,
         override=body.override,
-        config=registry.PolicyConfig.from_settings(settings),
+        config=registry.PolicyConfig.for_project(
+            session=s, project_id=project.id, settings=settings
+        ),
+        project_id=project.id,
     )
     return decided(s, event)
 
 
-@router.post("/api/v1/models/{ref}/reject", tags=["models"], responses=ERRORS)
-def reject(ref: ModelRef, body: DecisionIn, who: Who, s: DbSession) -> dict:
+@router.post("/models/{ref}/reject", tags=["models"], responses=ERRORS)
+def reject(
+    ref: ModelRef, body: DecisionIn, who: Who, project: CurrentProject, s: DbSession
+) -> dict:
     """Decline a candidate (role ml_lead)."""
-    event = registry.reject(session=s, version=ref, user=db_user(s, who), reason=body.reason)
+    event = registry.reject(
+        session=s, version=ref, user=db_user(s, who), reason=body.reason, project_id=project.id
+    )
     return decided(s, event)
 
 
-@router.post("/api/v1/models/rollback", tags=["models"], responses=ERRORS)
-def rollback(body: RollbackIn, who: Who, service: Service, s: DbSession) -> dict:
+@router.post("/models/rollback", tags=["models"], responses=ERRORS)
+def rollback(
+    body: RollbackIn, who: Who, project: CurrentProject, service: Service, s: DbSession
+) -> dict:
     """Move the champion back (role ml_lead)."""
     event = registry.rollback(
         session=s,
@@ -121,14 +157,21 @@ def rollback(body: RollbackIn, who: Who, service: Service, s: DbSession) -> dict
         user=db_user(s, who),
         reason=body.reason,
         to=body.to,
+        project_id=project.id,
     )
     return decided(s, event)
 
 
-@router.post("/api/v1/retrain", status_code=202, tags=["models"], responses=ERRORS)
-def start_retrain(body: RetrainIn, who: Who, settings: AppSettings, s: DbSession) -> dict:
+@router.post("/retrain", status_code=202, tags=["models"], responses=ERRORS)
+def start_retrain(
+    body: RetrainIn, who: Who, project: CurrentProject, settings: AppSettings, s: DbSession
+) -> dict:
     """Start the `retrain` deployment on the Prefect worker (role ml_lead)."""
     run_id = start_retrain_run(
-        session=s, actor=who, api_url=settings.prefect_api_url, parameters=body.model_dump()
+        session=s,
+        actor=who,
+        api_url=settings.prefect_api_url,
+        parameters={**body.model_dump(), **flow_parameters(project)},
+        project_id=project.id,
     )
     return {"flow_run_id": run_id, "deployment": "retrain/retrain"}

@@ -1,8 +1,9 @@
-"""Predictions: one image, a batch, and reading one back."""
+"""Predictions: one image, a batch, and reading one back. Project-scoped: mounted at `/api/v1`
+(the default project) and at `/api/v1/projects/{project}`."""
 
 from fastapi import APIRouter, File, Request, UploadFile
 
-from app.api.deps import AppSettings, Service, Who, request_id
+from app.api.deps import AppSettings, CurrentProject, Service, Who, request_id
 from app.api.schemas import ERRORS, BatchOut, PredictionId, PredictionOut
 
 router = APIRouter()
@@ -15,11 +16,10 @@ def read_upload(upload: UploadFile, limit: int) -> tuple[bytes, str | None]:
     return data, upload.content_type
 
 
-@router.post(
-    "/api/v1/predictions", response_model=PredictionOut, tags=["predictions"], responses=ERRORS
-)
+@router.post("/predictions", response_model=PredictionOut, tags=["predictions"], responses=ERRORS)
 def predict(
     who: Who,
+    project: CurrentProject,
     request: Request,
     service: Service,
     settings: AppSettings,
@@ -28,15 +28,17 @@ def predict(
     """Predict one image (multipart field `file`). Logged durably before the answer."""
     rid = request_id(request)
     return service.predict(
-        [read_upload(file, settings.max_upload_bytes)], principal=who, request_id=rid
+        [read_upload(file, settings.max_upload_bytes)],
+        principal=who,
+        request_id=rid,
+        project_id=project.id,
     )[0]
 
 
-@router.post(
-    "/api/v1/predictions/batch", response_model=BatchOut, tags=["predictions"], responses=ERRORS
-)
+@router.post("/predictions/batch", response_model=BatchOut, tags=["predictions"], responses=ERRORS)
 def predict_batch(
     who: Who,
+    project: CurrentProject,
     request: Request,
     service: Service,
     settings: AppSettings,
@@ -45,11 +47,17 @@ def predict_batch(
     """Predict several images (repeat the multipart field `files`). All or nothing."""
     rid = request.headers.get("x-request-id")
     uploads = [read_upload(f, settings.max_upload_bytes) for f in files]
-    return {"predictions": service.predict(uploads, principal=who, request_id=rid)}
+    return {
+        "predictions": service.predict(
+            uploads, principal=who, request_id=rid, project_id=project.id
+        )
+    }
 
 
-@router.get("/api/v1/predictions/{prediction_id}", tags=["predictions"], responses=ERRORS)
-def get_prediction(prediction_id: PredictionId, who: Who, service: Service) -> dict:
+@router.get("/predictions/{prediction_id}", tags=["predictions"], responses=ERRORS)
+def get_prediction(
+    prediction_id: PredictionId, who: Who, project: CurrentProject, service: Service
+) -> dict:
     """A prediction with its feedback and review state (`logged: false` while it is
     still in the outbox)."""
-    return service.get_prediction(prediction_id)
+    return service.get_prediction(prediction_id, project_id=project.id)

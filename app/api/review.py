@@ -1,10 +1,10 @@
-"""The review queue: the work to do, and settling or dismissing an item."""
+"""The review queue: the work to do, and settling or dismissing an item. Project-scoped."""
 
 from typing import Literal
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import AppSettings, DbSession, Who, db_user
+from app.api.deps import AppSettings, CurrentProject, DbSession, Who, db_user
 from app.api.schemas import ERRORS, ItemId, ResolveIn
 from quarkflow_core.database import begin_write
 from quarkflow_core.predictions import review_queue as queue_page
@@ -15,9 +15,10 @@ from quarkflow_core.users import authorize
 router = APIRouter()
 
 
-@router.get("/api/v1/review-queue", tags=["review"], responses=ERRORS)
+@router.get("/review-queue", tags=["review"], responses=ERRORS)
 def review_queue(
     who: Who,
+    project: CurrentProject,
     s: DbSession,
     settings: AppSettings,
     limit: int = Query(50, ge=1, le=500),
@@ -35,14 +36,19 @@ def review_queue(
         allowed={Role.ANALYST, Role.ML_LEAD},
         action="review.queue",
         what="reading the review queue",
+        project_id=project.id,
     )
     chosen = strategy or settings.review_strategy
-    total, items = queue_page(session=s, limit=limit, offset=offset, strategy=chosen)
+    total, items = queue_page(
+        session=s, limit=limit, offset=offset, strategy=chosen, project_id=project.id
+    )
     return {"total": total, "strategy": chosen, "items": items}
 
 
-@router.post("/api/v1/review-queue/{item_id}/resolve", tags=["review"], responses=ERRORS)
-def resolve_review_item(item_id: ItemId, body: ResolveIn, who: Who, s: DbSession) -> dict:
+@router.post("/review-queue/{item_id}/resolve", tags=["review"], responses=ERRORS)
+def resolve_review_item(
+    item_id: ItemId, body: ResolveIn, who: Who, project: CurrentProject, s: DbSession
+) -> dict:
     """Settle an item (e.g. a disputed one) with a label (analyst or ml_lead)."""
     begin_write(s)  # SQLite: read-then-write takes the write lock first
     item = resolve_item(
@@ -50,14 +56,15 @@ def resolve_review_item(item_id: ItemId, body: ResolveIn, who: Who, s: DbSession
         item_id=item_id,
         label=body.label,
         user=db_user(s, who),
-        classes=project_classes(session=s),
+        classes=project_classes(session=s, project_id=project.id),
+        project_id=project.id,
     )
     return {"id": item.id, "state": item.state.value, "label": item.resolved_label}
 
 
-@router.post("/api/v1/review-queue/{item_id}/dismiss", tags=["review"], responses=ERRORS)
-def dismiss_review_item(item_id: ItemId, who: Who, s: DbSession) -> dict:
+@router.post("/review-queue/{item_id}/dismiss", tags=["review"], responses=ERRORS)
+def dismiss_review_item(item_id: ItemId, who: Who, project: CurrentProject, s: DbSession) -> dict:
     """Mark an item as label noise: left out of training (analyst or ml_lead)."""
     begin_write(s)  # SQLite: read-then-write takes the write lock first
-    item = dismiss_as_noise(session=s, item_id=item_id, user=db_user(s, who))
+    item = dismiss_as_noise(session=s, item_id=item_id, user=db_user(s, who), project_id=project.id)
     return {"id": item.id, "state": item.state.value, "reason": item.reason.value}

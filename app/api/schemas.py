@@ -105,6 +105,26 @@ class UserIn(BaseModel):
     password: Text | None = Field(None, min_length=8, max_length=256)
 
 
+# --------------------------------------------------------------------------- projects
+
+Username = Annotated[
+    str, Path(max_length=64, pattern="^[A-Za-z0-9._@-]+$", description="user name")
+]
+
+
+class ProjectIn(BaseModel):
+    name: str = Field(
+        min_length=1, max_length=30, pattern="^[a-z0-9][a-z0-9-]*$", examples=["birds"]
+    )
+    classes: list[Text] = Field(min_length=2, max_length=1000, examples=[["robin", "wren"]])
+    task_type: str = Field("classification", max_length=32)
+    title: Text | None = Field(None, max_length=128)
+
+
+class GrantIn(BaseModel):
+    role: str = Field(description="domain_expert | analyst | ml_lead | admin", examples=["ml_lead"])
+
+
 # --------------------------------------------------------------------------- errors
 
 

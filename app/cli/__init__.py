@@ -9,8 +9,8 @@ import sys
 
 import typer
 
-from app.cli import data, db, ml, models, outbox, review, serve, users
-from app.cli.common import err_console
+from app.cli import data, db, ml, models, outbox, projects, review, serve, users
+from app.cli.common import DEFAULT_PROJECT_NAME, err_console, use_project
 from quarkflow_core.errors import QuarkflowError
 
 app = typer.Typer(
@@ -19,6 +19,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    project: str = typer.Option(
+        DEFAULT_PROJECT_NAME,
+        "--project",
+        metavar="NAME",
+        help="The project the command works in (see `quarkflow projects list`).",
+    ),
+) -> None:
+    """Quarkflow: human-in-the-loop MLOps for image classification."""
+    use_project(ctx, project)
+
 
 COMMANDS = (
     ("init", db.init),
@@ -42,6 +57,7 @@ COMMANDS = (
 )
 GROUPS = (
     ("db", db.db_app),
+    ("projects", projects.projects_app),
     ("users", users.users_app),
     ("tokens", users.tokens_app),
     ("models", models.models_app),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import typer
 from rich.console import Console
@@ -62,6 +63,41 @@ def _print_kv(title: str, values: dict) -> None:
 
 USER_OPT = typer.Option(None, "--user", help="Who acts (default: QF_USER). Must be an ml_lead.")
 REASON_OPT = typer.Option(..., "--reason", help="Why; kept for ever in the promotion history.")
+
+
+# ----------------------------------------------------------------------------- the project
+
+PROJECT_META_KEY = "quarkflow.project"
+DEFAULT_PROJECT_NAME = "default"
+# typer keeps its own (vendored) click, whose current context plain ``click`` cannot see: the
+# root callback (``use_project``) sets this for the command it runs, and resets it after.
+_PROJECT: ContextVar[str] = ContextVar("quarkflow_project", default=DEFAULT_PROJECT_NAME)
+
+
+def use_project(ctx: typer.Context, name: str) -> None:
+    """``quarkflow --project NAME``: the project of the command ``ctx`` runs (and ``ctx.meta``),
+    until it ends."""
+    token = _PROJECT.set(name or DEFAULT_PROJECT_NAME)
+    ctx.meta[PROJECT_META_KEY] = name or DEFAULT_PROJECT_NAME
+    ctx.call_on_close(lambda: _PROJECT.reset(token))
+
+
+def project_name() -> str:
+    """The project this command works in: ``quarkflow --project NAME`` (default: ``default``).
+    Outside a command (a test calling a function directly) it is the default project."""
+    return _PROJECT.get()
+
+
+def current_project(session: Session):
+    """The ``--project`` row; an unknown name raises NotFound naming the projects."""
+    from quarkflow_core.projects import get_project
+
+    return get_project(session=session, ref=project_name())
+
+
+def project_id(session: Session) -> int:
+    """The id of the ``--project`` project: pass it as ``project_id=`` to every core call."""
+    return current_project(session).id
 
 
 def _acting_user(session: Session, username: str | None):

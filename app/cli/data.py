@@ -1,4 +1,5 @@
-"""Data in and out: `seed-demo`, `batch-predict`, `labelstudio-sync`.
+"""Data in and out: `seed-demo`, `batch-predict`, `labelstudio-sync`, each in the `--project`
+project.
 
 Top-level commands are registered (in `quarkflow --help` order) by app/cli/__init__.py."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from app.cli.common import _progress, _session, console
+from app.cli.common import _progress, _session, console, project_id, project_name
 
 
 def seed_demo(
@@ -25,7 +26,13 @@ def seed_demo(
         def on_progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        report = run(session=session, storage=storage, limit=limit, progress=on_progress)
+        report = run(
+            session=session,
+            storage=storage,
+            limit=limit,
+            progress=on_progress,
+            project_id=project_id(session),
+        )
     table = Table(title=f"seed snapshot #{report.snapshot_id}")
     table.add_column("split")
     for label in sorted({c for split in report.class_counts.values() for c in split}):
@@ -55,7 +62,9 @@ def batch_predict_cmd(
 
     from flows.batch_predict import batch_predict
 
-    result = batch_predict(prefix=prefix, source_url=source, chunk_size=chunk_size)
+    result = batch_predict(
+        prefix=prefix, source_url=source, chunk_size=chunk_size, project=project_name()
+    )
     if as_json:
         print(json.dumps(result, default=str))
         return
@@ -84,7 +93,7 @@ def labelstudio_sync_cmd() -> None:
     """Push open review items to Label Studio and pull annotations back (the flow, here)."""
     from flows.labelstudio_sync import labelstudio_sync
 
-    result = labelstudio_sync()
+    result = labelstudio_sync(project=project_name())
     push, pull = result["push"], result["pull"]
     console.print(
         f"Label Studio project {result['project_id']}: {push['pushed']} tasks pushed "

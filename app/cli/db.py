@@ -97,14 +97,22 @@ def db_current() -> None:
 
 
 def doctor() -> None:
-    """Check settings, database and storage; print what is in use."""
+    """Check settings, database and storage; print what is in use (and the projects)."""
     from quarkflow_core.database import check_database, get_engine
     from quarkflow_core.migrations import head_revision
     from quarkflow_core.storage import get_storage
 
     s = _settings()
     console.print(f"settings ok: database={s.database_backend} storage={s.storage_url}")
-    rev = check_database(get_engine(s.database_url), require_migrated=False)
+    engine = get_engine(s.database_url)
+    rev = check_database(engine, require_migrated=False)
     console.print(f"database reachable, revision {rev or '(empty)'} (code head {head_revision()})")
+    if rev == head_revision():
+        from quarkflow_core.database import session_scope
+        from quarkflow_core.projects import list_projects
+
+        with session_scope(engine) as session:
+            names = [p.name for p in list_projects(session=session)]
+        console.print(f"projects: {', '.join(names) or '(none)'}")
     get_storage().check()
     console.print("storage reachable")

@@ -1,7 +1,8 @@
 """Training and model files: `train`, `models-zoo`, `evaluate`, `compare`, `prune`, `export`,
 `retrain`.
 
-Top-level commands are registered (in `quarkflow --help` order) by app/cli/__init__.py."""
+Top-level commands are registered (in `quarkflow --help` order) by app/cli/__init__.py. They
+work in the `quarkflow --project NAME` project (default: `default`): its snapshots, its runs."""
 
 from __future__ import annotations
 
@@ -12,14 +13,29 @@ import typer
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from app.cli.common import _fmt, _print_kv, _progress, _session, _settings, console
+from app.cli.common import (
+    _fmt,
+    _print_kv,
+    _progress,
+    _session,
+    _settings,
+    console,
+    project_id,
+    project_name,
+)
 
 
 def _holdout(session: Session, snapshot: int | None, preset):
     from quarkflow_core.storage import get_storage
     from quarkflow_core.training_runs import load_holdout
 
-    return load_holdout(session=session, storage=get_storage(), snapshot_id=snapshot, preset=preset)
+    return load_holdout(
+        session=session,
+        storage=get_storage(),
+        snapshot_id=snapshot,
+        preset=preset,
+        project_id=project_id(session),
+    )
 
 
 def train(
@@ -63,7 +79,8 @@ def train(
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = out or _settings().data_dir / "artifacts" / f"{stamp}-{architecture}"
     with _session() as session, _progress() as bar:
-        snap_id = snapshot or default_snapshot_id(session=session)
+        pid = project_id(session)
+        snap_id = snapshot or default_snapshot_id(session=session, project_id=pid)
         task = bar.add_task(f"training {architecture}", total=epochs)
         state = {"epoch": 0}
 
@@ -96,6 +113,7 @@ def train(
             kfold=kfold,
             progress=on_progress,
             kfold_progress=on_fold,
+            project_id=pid,
         )
     _print_kv(
         f"training run #{outcome.run_id} (snapshot {snap_id})",
@@ -230,9 +248,14 @@ def prune_cmd(
 
     loaded = load_artifact(artifact)
     with _session() as session:
-        snap_id = snapshot or default_snapshot_id(session=session)
+        pid = project_id(session)
+        snap_id = snapshot or default_snapshot_id(session=session, project_id=pid)
         data = load_snapshot(
-            session=session, storage=get_storage(), snapshot_id=snap_id, preset=loaded.preset
+            session=session,
+            storage=get_storage(),
+            snapshot_id=snap_id,
+            preset=loaded.preset,
+            project_id=pid,
         )
     with console.status(f"pruning {ratio:.0%} ({method}) and recovering…"):
         report, sha = prune_artifact(
@@ -287,6 +310,8 @@ def retrain_cmd(
     """Run the retrain flow now (or trigger its deployment): snapshot, train, register."""
     import json
 
+    from quarkflow_core.pipeline import RetrainSpec
+
     params = {
         "epochs": epochs,
         "min_epochs": min_epochs,
@@ -299,9 +324,8 @@ def retrain_cmd(
         "kfold": kfold,
         "prune_ratio": prune_ratio,
     }
-    from quarkflow_core.pipeline import RetrainSpec
-
     RetrainSpec(**params).train_config().validate()  # a bad option fails here, not on the worker
+    params["project"] = project_name()  # the flow resolves it (NotFound names the projects)
     if deployment:
         from quarkflow_core.orchestration import start_retrain
         from quarkflow_core.users import Operator
@@ -312,6 +336,7 @@ def retrain_cmd(
                 actor=Operator.current(),
                 api_url=_settings().prefect_api_url,
                 parameters=params,
+                project_id=project_id(session),  # an unknown project fails here
             )
         if as_json:
             print(json.dumps({"flow_run_id": run_id, "parameters": params}))

@@ -1,7 +1,9 @@
 """`quarkflow models ...` (the registry: versions, approval, rollback, history) and
 `demo-bootstrap`.
 
-Top-level commands are registered (in `quarkflow --help` order) by app/cli/__init__.py."""
+Top-level commands are registered (in `quarkflow --help` order) by app/cli/__init__.py. The
+`models` commands work in the `quarkflow --project NAME` project (default: `default`): its
+versions, champion, challenger and history."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from app.cli.common import (
     _session,
     _settings,
     console,
+    project_id,
 )
 
 models_app = typer.Typer(
@@ -36,10 +39,11 @@ def _cache_root() -> Path:
     return model_cache_dir(_settings())
 
 
-def _policy():
+def _policy(session: Session, pid: int):
+    """The QF_POLICY_* thresholds with the project's overrides."""
     from quarkflow_core.registry import PolicyConfig
 
-    return PolicyConfig.from_settings(_settings())
+    return PolicyConfig.for_project(session=session, project_id=pid, settings=_settings())
 
 
 @models_app.command("register")
@@ -59,6 +63,7 @@ def models_register(
             artifact_dir=artifact,
             created_by=user or _settings().user or getpass.getuser(),
             as_challenger=challenger,
+            project_id=project_id(session),
         )
         console.print(
             f"registered v{row.version} (sha256 {row.sha256[:12]}…) at {row.artifact_key}/"
@@ -71,13 +76,14 @@ def models_list() -> None:
     from quarkflow_core.registry import aliases, list_versions
 
     with _session() as session:
+        pid = project_id(session)
         tags: dict[int, list[str]] = {}
-        for alias, row in aliases(session=session).items():
+        for alias, row in aliases(session=session, project_id=pid).items():
             tags.setdefault(row.id, []).append(alias)
         table = Table(
             "version", "aliases", "architecture", "accuracy", "ece", "size", "snapshot", "created"
         )
-        for row in list_versions(session=session):
+        for row in list_versions(session=session, project_id=pid):
             table.add_row(
                 f"v{row.version}",
                 ", ".join(tags.get(row.id, [])) or "",
@@ -99,7 +105,7 @@ def models_show(version: str = typer.Argument(..., help="3, v3, champion or chal
     from quarkflow_core.registry import get_version, lineage, summary
 
     with _session() as session:
-        row = get_version(session=session, ref=version)
+        row = get_version(session=session, ref=version, project_id=project_id(session))
         info = summary(row, session=session)
         _print_kv(f"v{row.version} ({row.architecture})", info.pop("metrics"))
         info.pop("classes")
@@ -120,8 +126,10 @@ def models_compare(
     from quarkflow_core.storage import get_storage
 
     with _session() as session:
-        va = get_version(session=session, ref=a)
-        vb = get_version(session=session, ref=b)
+        pid = project_id(session)
+        va = get_version(session=session, ref=a, project_id=pid)
+        vb = get_version(session=session, ref=b, project_id=pid)
+        policy_config = _policy(session, pid)
         with console.status("scoring both versions on the hold-out…"):
             report = compare_versions(
                 session=session,
@@ -130,6 +138,7 @@ def models_compare(
                 b=vb,
                 cache_root=_cache_root(),
                 snapshot_id=snapshot,
+                project_id=pid,
             )
     lo, hi = report["accuracy_delta_ci95"]
     _print_kv(
@@ -146,7 +155,7 @@ def models_compare(
             "verdict": report["verdict"],
         },
     )
-    policy = evaluate_policy(report, _policy())
+    policy = evaluate_policy(report, policy_config)
     colour = "green" if policy.passed else "red"
     console.print(f"[{colour}]policy: {policy.verdict}[/{colour}]")
     for check in policy.checks:
@@ -169,6 +178,7 @@ def models_approve(
 
     with _session() as session:
         actor = _acting_user(session, user)
+        pid = project_id(session)
         with console.status("checking integrity and comparing with the champion…"):
             event = approve(
                 session=session,
@@ -178,7 +188,8 @@ def models_approve(
                 reason=reason,
                 cache_root=_cache_root(),
                 override=override,
-                config=_policy(),
+                config=_policy(session, pid),
+                project_id=pid,
             )
         _print_event(session, event)
 
@@ -194,7 +205,11 @@ def models_reject(
 
     with _session() as session:
         event = reject(
-            session=session, version=version, user=_acting_user(session, user), reason=reason
+            session=session,
+            version=version,
+            user=_acting_user(session, user),
+            reason=reason,
+            project_id=project_id(session),
         )
         _print_event(session, event)
 
@@ -216,6 +231,7 @@ def models_rollback(
             user=_acting_user(session, user),
             reason=reason,
             to=to,
+            project_id=project_id(session),
         )
         _print_event(session, event)
 
@@ -242,7 +258,8 @@ def models_history(
     from quarkflow_core.registry import champion_at, event_dict, history
 
     with _session() as session:
-        events = history(session=session)
+        pid = project_id(session)
+        events = history(session=session, project_id=pid)
         if not events:
             console.print("no promotion events yet")
         for event in events:
@@ -259,7 +276,7 @@ def models_history(
             )
         if at is not None:
             when = at if at.tzinfo else at.replace(tzinfo=UTC)
-            row = champion_at(session=session, when=when)
+            row = champion_at(session=session, when=when, project_id=pid)
             who = f"v{row.version}" if row else "no version"
             console.print(f"champion at {when.isoformat()}: {who}")
 
@@ -273,7 +290,11 @@ def demo_bootstrap(
 
     with _session() as session:
         version, promoted = bootstrap_champion(
-            session=session, storage=get_storage(), artifact_dir=artifact, cache_root=_cache_root()
+            session=session,
+            storage=get_storage(),
+            artifact_dir=artifact,
+            cache_root=_cache_root(),
+            project_id=project_id(session),
         )
     if promoted:
         console.print(

@@ -31,8 +31,11 @@ def outbox_list_cmd(
     limit: int = typer.Option(100, min=1, help="How many dead letters to show."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """The backlog, and the dead letters: records the database kept refusing."""
+    """The backlog, and the dead letters: records the database kept refusing (of every
+    project: the outbox belongs to the installation; each record carries its project id)."""
     import json
+
+    from quarkflow_core.schema import DEFAULT_PROJECT_ID
 
     box = _outbox()
     try:
@@ -51,13 +54,14 @@ def outbox_list_cmd(
     if not letters:
         return
     table = Table(title=f"dead letters (first {len(letters)})")
-    for col in ("id", "kind", "key", "tries", "failed at", "error"):
+    for col in ("id", "kind", "key", "project", "tries", "failed at", "error"):
         table.add_column(col, overflow="fold")
     for d in letters:
         table.add_row(
             str(d.id),
             d.kind,
             d.key,
+            str((d.payload or {}).get("project_id", DEFAULT_PROJECT_ID)),
             str(d.attempts or ""),
             datetime.fromtimestamp(d.failed_at, UTC).strftime("%Y-%m-%d %H:%M:%S"),
             (d.error or "")[:160],

@@ -1,4 +1,5 @@
-"""`quarkflow review ...` (the queue) and `simulate-loop` (the loop replayed offline).
+"""`quarkflow review ...` (the queue of the `--project` project) and `simulate-loop` (the loop
+replayed offline).
 
 Top-level commands are registered (in `quarkflow --help` order) by app/cli/__init__.py."""
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from app.cli.common import _progress, _session, _settings, console, err_console
+from app.cli.common import _progress, _session, _settings, console, err_console, project_id
 
 review_app = typer.Typer(help="The review queue: what is next, re-scoring.", no_args_is_help=True)
 
@@ -22,7 +23,8 @@ def review_next_cmd(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the items as one JSON object."),
 ) -> None:
-    """The next items of work in the review queue, in the order people should answer them."""
+    """The next items of work in the project's review queue, in the order people should answer
+    them."""
     import json
 
     from quarkflow_core.predictions import review_queue
@@ -30,7 +32,8 @@ def review_next_cmd(
 
     chosen = check_strategy(strategy or _settings().review_strategy)
     with _session() as s:
-        total, items = review_queue(session=s, limit=limit, strategy=chosen)
+        pid = project_id(s)
+        total, items = review_queue(session=s, limit=limit, strategy=chosen, project_id=pid)
     if as_json:
         print(json.dumps({"total": total, "strategy": chosen, "items": items}, default=str))
         return
@@ -52,7 +55,7 @@ def review_next_cmd(
 
 @review_app.command("rescore")
 def review_rescore_cmd() -> None:
-    """Score every unanswered review item again with the current champion: new priorities,
+    """Score every unanswered review item of the project again with its champion: new priorities,
     items it is now sure of closed (with the reason), closed ones it doubts re-opened. The API
     does this by itself after each champion change; this is for catching up by hand."""
     from quarkflow_core.batch import champion_predictor
@@ -63,8 +66,9 @@ def review_rescore_cmd() -> None:
     settings = _settings()
     storage = get_storage()
     with _session() as s:
+        pid = project_id(s)
         predictor = champion_predictor(
-            session=s, storage=storage, cache_root=model_cache_dir(settings)
+            session=s, storage=storage, cache_root=model_cache_dir(settings), project_id=pid
         )
         with _progress() as bar:
             task = bar.add_task(f"re-scoring with v{predictor.version}", total=None)
@@ -74,6 +78,7 @@ def review_rescore_cmd() -> None:
                 predictor=predictor,
                 threshold=predictor.threshold(settings.review_threshold),
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
+                project_id=pid,
             )
     console.print(
         f"v{predictor.version}: {counts['rescored']} items re-scored, {counts['closed']} closed "
@@ -85,7 +90,9 @@ def simulate_loop_cmd(
     folder: Path | None = typer.Option(
         None, help="Labelled images, one sub-folder per class (default: the demo digits)."
     ),
-    snapshot: int | None = typer.Option(None, help="Or: a dataset snapshot of this deployment."),
+    snapshot: int | None = typer.Option(
+        None, help="Or: a dataset snapshot of this deployment (of the --project project)."
+    ),
     seed_size: int = typer.Option(200, min=2, help="Images labelled up front (class-balanced)."),
     pool_size: int = typer.Option(2000, min=1, help="Unlabelled images the loop may ask about."),
     test_size: int = typer.Option(1000, min=1, help="Images kept aside to score each champion."),
@@ -126,7 +133,7 @@ def simulate_loop_cmd(
 
         with _session() as s:
             data = LabelledData.from_snapshot(
-                session=s, storage=get_storage(), snapshot_id=snapshot
+                session=s, storage=get_storage(), snapshot_id=snapshot, project_id=project_id(s)
             )
     else:
         data = LabelledData.demo()

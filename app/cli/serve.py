@@ -16,7 +16,10 @@ def serve(
     port: int = typer.Option(8000),
     workers: int = typer.Option(1, help="Uvicorn worker processes."),
 ) -> None:
-    """Run the REST API (+ OpenAPI at /docs), the Gradio demo at /demo, /metrics, /readyz."""
+    """Run the REST API (+ OpenAPI at /docs), the Gradio demo at /demo, /metrics, /readyz.
+
+    One server serves every project (each project's champion, its own paths); ``--project``
+    does not apply."""
     import uvicorn
 
     from quarkflow_core.database import check_database, get_engine
@@ -41,8 +44,8 @@ def workbench(
     """Run the Streamlit workbench (sign in with a Quarkflow user)."""
     import os
 
+    from app.launcher import streamlit_argv
     from quarkflow_core.database import check_database, get_engine
-    from quarkflow_core.launcher import streamlit_argv
 
     check_database(get_engine(_settings().database_url))
     console.print(f"Quarkflow workbench on http://{host}:{port}")
@@ -61,7 +64,7 @@ def demo(
 ) -> None:
     """The whole product on this machine: prepare the demo, start the API + demo, the
     workbench and the worker, wired together. Ctrl-C (or SIGTERM) stops all of them."""
-    from quarkflow_core.launcher import DemoPlan, run_demo
+    from app.launcher import DemoPlan, run_demo
 
     plan = DemoPlan(
         host=host,

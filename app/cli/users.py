@@ -45,18 +45,26 @@ def users_create(
 
 @users_app.command("list")
 def users_list() -> None:
-    """List users and their roles."""
+    """List users, their roles, and their per-project grants (`quarkflow projects grant`)."""
     from sqlalchemy import select
 
-    from quarkflow_core.schema import User
+    from quarkflow_core.schema import Project, ProjectGrant, User
 
     with _session() as session:
-        table = Table("id", "username", "role", "active", "created")
+        grants: dict[int, list[str]] = {}
+        for user_id, project, role in session.execute(
+            select(ProjectGrant.user_id, Project.name, ProjectGrant.role)
+            .join(Project, Project.id == ProjectGrant.project_id)
+            .order_by(Project.name)
+        ):
+            grants.setdefault(user_id, []).append(f"{project}: {role.value}")
+        table = Table("id", "username", "role", "project grants", "active", "created")
         for u in session.scalars(select(User).order_by(User.id)):
             table.add_row(
                 str(u.id),
                 u.username,
                 u.role.value,
+                ", ".join(grants.get(u.id, [])) or "-",
                 str(u.is_active),
                 u.created_at.strftime("%Y-%m-%d %H:%M"),
             )

@@ -3,6 +3,10 @@ created_at): pages never load all rows. Works on Postgres (date_trunc, percentil
 SQLite (strftime; the same interpolated percentiles by ORDER BY/OFFSET over the filtered
 range): both give the same numbers (tests/test_analytics.py).
 
+Every reader works in one project: it takes the keyword ``project_id`` (default: the default
+project) and never counts another project's predictions, feedback, review items, snapshots,
+training runs or versions (a ``Filters.model_version`` is the project's own version number).
+
 One kind of reader per module: ``filters`` (``Filters``, shared by all queries),
 ``monitoring`` (``overview``, ``confidence_histogram``, ``class_distribution``, ``drift``),
 ``listings`` (predictions, feedback, training runs, snapshot diffs), ``api_metrics``

@@ -1,5 +1,6 @@
 """Paged listings for the workbench: predictions with their latest verdict, feedback with who
-gave it, training runs, and a snapshot's per-class changes."""
+gave it, training runs, and a snapshot's per-class changes; each within one project
+(``project_id``, default: the default project)."""
 
 from __future__ import annotations
 
@@ -9,23 +10,36 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.analytics.filters import Filters
-from quarkflow_core.schema import DatasetSnapshot, Feedback, ModelVersion, Prediction
+from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
+    DatasetSnapshot,
+    Feedback,
+    ModelVersion,
+    Prediction,
+)
 
 
-def count_predictions(*, session: Session, filters: Filters) -> int:
-    """How many predictions match (``Filters()``: whether there are any at all)."""
-    conds = filters.where(session)
+def count_predictions(
+    *, session: Session, filters: Filters, project_id: int = DEFAULT_PROJECT_ID
+) -> int:
+    """How many of the project's predictions match (``Filters()``: whether it has any)."""
+    conds = filters.where(session, project_id=project_id)
     return int(session.scalar(select(func.count()).select_from(Prediction).where(*conds)) or 0)
 
 
 def list_predictions(
-    *, session: Session, filters: Filters, limit: int = 24, offset: int = 0
+    *,
+    session: Session,
+    filters: Filters,
+    limit: int = 24,
+    offset: int = 0,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> tuple[int, list[dict[str, Any]]]:
     """(total, page) newest first, with image key and the latest feedback verdict."""
     from quarkflow_core.schema import Image
 
-    conds = filters.where(session)
-    total = count_predictions(session=session, filters=filters)
+    conds = filters.where(session, project_id=project_id)
+    total = count_predictions(session=session, filters=filters, project_id=project_id)
     latest_fb = (
         select(Feedback.verdict)
         .where(Feedback.prediction_id == Prediction.id)
@@ -88,23 +102,40 @@ def _feedback_rows(
     ]
 
 
-def prediction_feedback(*, session: Session, prediction_id: str) -> list[dict[str, Any]]:
-    """Feedback on one prediction, oldest first."""
-    return _feedback_rows(session, Feedback.prediction_id == prediction_id, newest_first=False)
+def prediction_feedback(
+    *, session: Session, prediction_id: str, project_id: int = DEFAULT_PROJECT_ID
+) -> list[dict[str, Any]]:
+    """Feedback on one prediction of the project, oldest first (none for another project's)."""
+    return _feedback_rows(
+        session,
+        Feedback.prediction_id == prediction_id,
+        Prediction.project_id == project_id,
+        newest_first=False,
+    )
 
 
-def recent_feedback(*, session: Session, filters: Filters, limit: int = 8) -> list[dict[str, Any]]:
-    """The latest verdicts on predictions matching ``filters``, newest first."""
-    conds = filters.where(session)
+def recent_feedback(
+    *, session: Session, filters: Filters, limit: int = 8, project_id: int = DEFAULT_PROJECT_ID
+) -> list[dict[str, Any]]:
+    """The latest verdicts on the project's predictions matching ``filters``, newest first."""
+    conds = filters.where(session, project_id=project_id)
     if filters.start is not None:
         conds.append(Feedback.created_at >= filters.start)
     return _feedback_rows(session, *conds, newest_first=True, limit=limit)
 
 
-def training_runs(*, session: Session, limit: int = 50) -> list[dict[str, Any]]:
+def training_runs(
+    *, session: Session, limit: int = 50, project_id: int = DEFAULT_PROJECT_ID
+) -> list[dict[str, Any]]:
+    """The project's training runs, newest first."""
     from quarkflow_core.schema import TrainingRun
 
-    runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit))
+    runs = session.scalars(
+        select(TrainingRun)
+        .where(TrainingRun.project_id == project_id)
+        .order_by(TrainingRun.id.desc())
+        .limit(limit)
+    )
     out = []
     for r in runs:
         seconds = (
@@ -130,17 +161,24 @@ def training_runs(*, session: Session, limit: int = 50) -> list[dict[str, Any]]:
     return out
 
 
-def snapshot_diff(*, session: Session, snapshot_id: int) -> dict[str, Any]:
-    """Per-class counts of a snapshot and what changed since its parent (or the previous one)."""
+def snapshot_diff(
+    *, session: Session, snapshot_id: int, project_id: int = DEFAULT_PROJECT_ID
+) -> dict[str, Any]:
+    """Per-class counts of a snapshot and what changed since its parent (or the project's
+    previous one). Another project's snapshot is NotFound, as an unknown id is."""
     snap = session.get(DatasetSnapshot, snapshot_id)
-    if snap is None:
+    if snap is None or snap.project_id != project_id:
         from quarkflow_core.errors import NotFound
 
         raise NotFound(f"no dataset snapshot {snapshot_id}")
     prev_id = snap.parent_id or session.scalar(
-        select(func.max(DatasetSnapshot.id)).where(DatasetSnapshot.id < snapshot_id)
+        select(func.max(DatasetSnapshot.id)).where(
+            DatasetSnapshot.project_id == project_id, DatasetSnapshot.id < snapshot_id
+        )
     )
     prev = session.get(DatasetSnapshot, prev_id) if prev_id else None
+    if prev is not None and prev.project_id != project_id:
+        prev = None
     rows = []
     for split in sorted(set(snap.class_counts) | set(prev.class_counts if prev else {})):
         now = snap.class_counts.get(split, {})

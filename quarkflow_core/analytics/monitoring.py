@@ -1,5 +1,6 @@
 """Monitoring aggregations, computed in SQL: totals and time series, latency percentiles,
-confidence histograms, class distribution and drift against the training snapshot."""
+confidence histograms, class distribution and drift against the training snapshot; each within
+one project (``project_id``, default: the default project)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.analytics.filters import Filters
 from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
     DatasetSnapshot,
     Feedback,
+    ModelAlias,
+    ModelVersion,
     Prediction,
     ReviewItem,
     ReviewState,
@@ -76,9 +80,15 @@ def _percentiles(
     return out
 
 
-def overview(*, session: Session, filters: Filters, bucket: str = "hour") -> dict[str, Any]:
+def overview(
+    *,
+    session: Session,
+    filters: Filters,
+    bucket: str = "hour",
+    project_id: int = DEFAULT_PROJECT_ID,
+) -> dict[str, Any]:
     """Totals, a time series, latency percentiles, live accuracy, queue depth."""
-    conds = filters.where(session)
+    conds = filters.where(session, project_id=project_id)
     b = _bucket(session, Prediction.created_at, bucket).label("bucket")
     series = session.execute(
         select(
@@ -106,7 +116,11 @@ def overview(*, session: Session, filters: Filters, bucket: str = "hour") -> dic
         .order_by(fb_b)
     ).all()
     queue = dict(
-        session.execute(select(ReviewItem.state, func.count()).group_by(ReviewItem.state))
+        session.execute(
+            select(ReviewItem.state, func.count())
+            .where(ReviewItem.project_id == project_id)
+            .group_by(ReviewItem.state)
+        )
         .tuples()
         .all()
     )
@@ -145,10 +159,15 @@ def overview(*, session: Session, filters: Filters, bucket: str = "hour") -> dic
 
 
 def confidence_histogram(
-    *, session: Session, filters: Filters, bucket: str = "day", bins: int = 10
+    *,
+    session: Session,
+    filters: Filters,
+    bucket: str = "day",
+    bins: int = 10,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> list[dict[str, Any]]:
     """Counts of predictions per (time bucket, confidence bin of width 1/bins)."""
-    conds = filters.where(session)
+    conds = filters.where(session, project_id=project_id)
     b = _bucket(session, Prediction.created_at, bucket).label("bucket")
     scaled = Prediction.confidence * bins
     if session.get_bind().dialect.name == "postgresql":
@@ -165,8 +184,10 @@ def confidence_histogram(
     return [{"bucket": k[0], "bin": k[1] / bins, "count": n} for k, n in sorted(out.items())]
 
 
-def class_distribution(*, session: Session, filters: Filters) -> dict[str, int]:
-    conds = filters.where(session)
+def class_distribution(
+    *, session: Session, filters: Filters, project_id: int = DEFAULT_PROJECT_ID
+) -> dict[str, int]:
+    conds = filters.where(session, project_id=project_id)
     return dict(
         session.execute(
             select(Prediction.label, func.count()).where(*conds).group_by(Prediction.label)
@@ -176,18 +197,29 @@ def class_distribution(*, session: Session, filters: Filters) -> dict[str, int]:
     )
 
 
-def drift(*, session: Session, filters: Filters) -> dict[str, Any]:
+def _serving_version(session: Session, model_version: int | None, project_id: int):
+    """The filtered version (by number) of the project, else its champion; None if neither."""
+    if model_version is not None:
+        where = [ModelVersion.version == model_version]
+    else:
+        champion = select(ModelAlias.version_id).where(
+            ModelAlias.project_id == project_id,
+            ModelAlias.alias == "champion",  # registry.CHAMPION
+        )
+        where = [ModelVersion.id == champion.scalar_subquery()]
+    return session.scalar(select(ModelVersion).where(ModelVersion.project_id == project_id, *where))
+
+
+def drift(
+    *, session: Session, filters: Filters, project_id: int = DEFAULT_PROJECT_ID
+) -> dict[str, Any]:
     """Predicted-class distribution vs the serving model's training snapshot (train split):
     population stability index and Jensen-Shannon distance (0 = identical)."""
-    from quarkflow_core import registry
-
-    version = (
-        registry.get_version(session=session, ref=filters.model_version)
-        if filters.model_version is not None
-        else registry.alias_of(session=session, alias=registry.CHAMPION)
-    )
+    version = _serving_version(session, filters.model_version, project_id)
     live = class_distribution(
-        session=session, filters=Filters(filters.start, filters.end, filters.model_version)
+        session=session,
+        filters=Filters(filters.start, filters.end, filters.model_version),
+        project_id=project_id,
     )
     if version is None or version.snapshot_id is None:
         return {"version": None, "live": live, "train": {}, "psi": None, "js_distance": None}

@@ -23,7 +23,7 @@ from quarkflow_core.datasets import (
 )
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.ml.transforms import Preprocess
-from quarkflow_core.schema import Split
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, Split
 from quarkflow_core.storage import Storage
 
 
@@ -102,11 +102,15 @@ def load_snapshot(
     snapshot_id: int,
     preset: Preprocess,
     splits: Sequence[Split] = (Split.TRAIN, Split.HOLDOUT),
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[Split, ImageSet]:
-    snap = get_snapshot(session=session, snapshot_id=snapshot_id)
+    """The snapshot's splits, decoded; another project's snapshot is not found."""
+    snap = get_snapshot(session=session, snapshot_id=snapshot_id, project_id=project_id)
     out = {}
     for split in splits:
-        items = snapshot_items(session=session, snapshot_id=snapshot_id, split=split)
+        items = snapshot_items(
+            session=session, snapshot_id=snapshot_id, split=split, project_id=project_id
+        )
         if items:
             out[split] = load_items(storage, items, list(snap.classes), preset)
     return out

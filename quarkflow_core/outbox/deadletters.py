@@ -1,5 +1,6 @@
 """Replaying or discarding dead letters: the operator actions behind ``quarkflow outbox
-replay|discard``. Either is a privileged action: ml_lead (or admin), audited in the database's
+replay|discard``. Either is a privileged action: ml_lead (or admin) in every project the
+letters belong to, audited in the database's
 append-only audit_log before the outbox file changes."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.database import begin_write
 from quarkflow_core.errors import InvalidInput, NotFound
-from quarkflow_core.schema import Role, User
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, Role, User
 from quarkflow_core.users import authorize, record_audit
 
 if TYPE_CHECKING:
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
 def _audited(
     session: Session, *, user: User, action: str, letters: list[DeadLetter], detail: dict
 ) -> None:
-    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action)
+    # the role that counts in each project the letters belong to (records carry their project)
+    for project_id in sorted({d.payload.get("project_id", DEFAULT_PROJECT_ID) for d in letters}):
+        authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action, project_id=project_id)
     begin_write(session)
     for d in letters:
         record_audit(

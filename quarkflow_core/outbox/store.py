@@ -1,5 +1,6 @@
 """The outbox file itself: an SQLite database (WAL) holding the records not yet flushed, the
-dead letters, the discarded ones, and the ids and labels of every prediction acknowledged."""
+dead letters, the discarded ones, and the ids, labels and projects of every prediction
+acknowledged."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from quarkflow_core.schema import DEFAULT_PROJECT_ID
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -50,8 +53,13 @@ CREATE TABLE IF NOT EXISTS known_predictions (
     created_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
-# Columns added after the first release; an older file gets them on open.
-_ADDED = {"outbox": {"not_before": "REAL"}, "dead_letter": {"attempts": "INTEGER"}}
+# Columns added after the first release; an older file gets them on open (a prediction known
+# from before projects has project_id NULL: the default project's).
+_ADDED = {
+    "outbox": {"not_before": "REAL"},
+    "dead_letter": {"attempts": "INTEGER"},
+    "known_predictions": {"project_id": "INTEGER"},
+}
 
 
 @dataclass
@@ -106,8 +114,9 @@ class Outbox:
     def append(
         self, kind: str, key: str, payload: dict[str, Any], blob: bytes | None = None
     ) -> int:
-        """Durably record; returns once committed. A prediction's id and label are also kept
-        in ``known_predictions``, so feedback on it can be checked while the database is down."""
+        """Durably record; returns once committed. A prediction's id, label and project are also
+        kept in ``known_predictions``, so feedback on it can be checked while the database is
+        down."""
         now = time.time()
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -119,9 +128,14 @@ class Outbox:
                 )
                 if kind == "prediction" and "label" in payload:
                     self._conn.execute(
-                        "INSERT OR IGNORE INTO known_predictions (id, label, created_at) "
-                        "VALUES (?, ?, ?)",
-                        (key, str(payload["label"]), now),
+                        "INSERT OR IGNORE INTO known_predictions "
+                        "(id, label, created_at, project_id) VALUES (?, ?, ?, ?)",
+                        (
+                            key,
+                            str(payload["label"]),
+                            now,
+                            int(payload.get("project_id", DEFAULT_PROJECT_ID)),
+                        ),
                     )
                 self._conn.execute("COMMIT")
             except BaseException:
@@ -130,11 +144,15 @@ class Outbox:
         self.wakeup.set()
         return int(cur.lastrowid)
 
-    def known_label(self, prediction_id: str) -> str | None:
-        """The label of a prediction this outbox acknowledged (at any time), else None."""
+    def known_label(
+        self, prediction_id: str, *, project_id: int = DEFAULT_PROJECT_ID
+    ) -> str | None:
+        """The label of a project's prediction this outbox acknowledged (at any time), else
+        None (also for another project's)."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT label FROM known_predictions WHERE id = ?", (prediction_id,)
+                "SELECT label FROM known_predictions WHERE id = ? AND COALESCE(project_id, ?) = ?",
+                (prediction_id, DEFAULT_PROJECT_ID, project_id),
             ).fetchone()
         return None if row is None else row[0]
 

@@ -16,6 +16,11 @@ The rules hold whatever the caller (CLI, API, workbench, flows); each module sta
 Each module imports only those listed above it. Callers use the package:
 ``from quarkflow_core import registry; registry.approve(...)``.
 
+Everything is per project: every function that reads or writes versions, aliases or events
+takes ``project_id`` (default: the default project); versions are numbered per project, each
+project has its own ``champion`` / ``challenger`` and history, and another project's version
+answers NotFound like an unknown one.
+
 Transactions: the reads never commit. The writes (``register_version``, ``set_challenger``,
 ``approve``, ``reject``, ``rollback``) commit by design: each takes the registry lock in a
 fresh transaction (ending the caller's) and commits its change with the event and audit row
@@ -37,6 +42,7 @@ from quarkflow_core.registry.lookups import (
     alias_of,
     aliases,
     get_version,
+    in_project,
     lineage,
     list_versions,
     summary,
@@ -86,6 +92,7 @@ __all__ = [
     "evidence_sha256",
     "get_version",
     "history",
+    "in_project",
     "lineage",
     "list_versions",
     "load_version",

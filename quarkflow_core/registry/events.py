@@ -10,6 +10,10 @@ an append-only row carrying the evidence and its sha256 (``evidence_sha256``).
 Read: ``history`` (oldest first), ``champion_at`` a point in time, ``event_dict`` for the edges,
 ``verify_event`` to check that stored evidence still hashes to what was recorded.
 
+Aliases and events belong to a project (``project_id``, default: the default project): each
+project has its own ``champion`` and ``challenger`` and its own history. The lock is one for
+the installation.
+
 ``_lock`` commits the caller's transaction and ``set_challenger`` commits its move: registry
 writes commit by design (see ``quarkflow_core.database``)."""
 
@@ -24,8 +28,9 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from quarkflow_core.database import begin_write
-from quarkflow_core.registry.lookups import CHALLENGER, CHAMPION, alias_of, summary
+from quarkflow_core.registry.lookups import CHALLENGER, CHAMPION, alias_of, in_project, summary
 from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
     ModelAlias,
     ModelVersion,
     PromotionAction,
@@ -57,9 +62,12 @@ def evidence_sha256(evidence: dict[str, Any]) -> str:
 
 
 def _set_alias(session: Session, alias: str, row: ModelVersion, actor: str) -> None:
-    current = session.get(ModelAlias, alias, populate_existing=True)
+    """Point the version's project's ``alias`` at it."""
+    current = session.get(ModelAlias, (row.project_id, alias), populate_existing=True)
     if current is None:
-        session.add(ModelAlias(alias=alias, version_id=row.id, updated_by=actor))
+        session.add(
+            ModelAlias(project_id=row.project_id, alias=alias, version_id=row.id, updated_by=actor)
+        )
     else:
         current.version_id = row.id
         current.updated_by = actor
@@ -70,6 +78,7 @@ def _set_alias(session: Session, alias: str, row: ModelVersion, actor: str) -> N
 def _event(
     session: Session,
     *,
+    project_id: int,
     action: PromotionAction,
     alias: str,
     from_id: int | None,
@@ -82,6 +91,7 @@ def _event(
 ) -> PromotionEvent:
     evidence = json_safe(evidence)
     event = PromotionEvent(
+        project_id=project_id,
         action=action,
         alias=alias,
         from_version_id=from_id,
@@ -99,18 +109,26 @@ def _event(
 
 
 def set_challenger(
-    *, session: Session, version: ModelVersion, actor: str, reason: str = "set as challenger"
+    *,
+    session: Session,
+    version: ModelVersion,
+    actor: str,
+    reason: str = "set as challenger",
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> PromotionEvent | None:
-    """Point ``challenger`` at a version (flows do this after registering a candidate)."""
+    """Point the project's ``challenger`` at a version of it (flows do this after registering
+    a candidate)."""
+    in_project(version, project_id)
     _lock(session)
-    current = alias_of(session=session, alias=CHALLENGER)
-    champ = alias_of(session=session, alias=CHAMPION)
+    current = alias_of(session=session, alias=CHALLENGER, project_id=project_id)
+    champ = alias_of(session=session, alias=CHAMPION, project_id=project_id)
     if (current and current.id == version.id) or (champ and champ.id == version.id):
         session.commit()
         return None
     _set_alias(session, CHALLENGER, version, actor)
     event = _event(
         session,
+        project_id=project_id,
         action=PromotionAction.SET_CHALLENGER,
         alias=CHALLENGER,
         from_id=current.id if current else None,
@@ -127,19 +145,28 @@ def set_challenger(
 # --------------------------------------------------------------------------- reading
 
 
-def history(*, session: Session, alias: str | None = None) -> list[PromotionEvent]:
-    """Every promotion event (optionally for one alias), oldest first."""
-    q = select(PromotionEvent).order_by(PromotionEvent.created_at, PromotionEvent.id)
+def history(
+    *, session: Session, alias: str | None = None, project_id: int = DEFAULT_PROJECT_ID
+) -> list[PromotionEvent]:
+    """Every promotion event of the project (optionally for one alias), oldest first."""
+    q = (
+        select(PromotionEvent)
+        .where(PromotionEvent.project_id == project_id)
+        .order_by(PromotionEvent.created_at, PromotionEvent.id)
+    )
     if alias is not None:
         q = q.where(PromotionEvent.alias == alias)
     return list(session.scalars(q))
 
 
-def champion_at(*, session: Session, when: datetime) -> ModelVersion | None:
-    """The version that was champion at time ``when`` (None before the first approval)."""
+def champion_at(
+    *, session: Session, when: datetime, project_id: int = DEFAULT_PROJECT_ID
+) -> ModelVersion | None:
+    """The project's champion at time ``when`` (None before its first approval)."""
     event = session.scalar(
         select(PromotionEvent)
         .where(
+            PromotionEvent.project_id == project_id,
             PromotionEvent.alias == CHAMPION,
             PromotionEvent.to_version_id.is_not(None),
             PromotionEvent.created_at <= when,

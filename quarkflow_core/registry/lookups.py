@@ -2,6 +2,9 @@
 the aliases and versions as they stand, and the two views people read: a version's ``summary``
 and its ``lineage`` (dataset snapshot -> training run -> version -> parents and children).
 
+Everything is per project (``project_id``, default: the default project): a version, an
+alias or a version number of another project is not found, exactly like an unknown one.
+
 Nothing here writes; every other module of the registry builds on these."""
 
 from __future__ import annotations
@@ -12,45 +15,75 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.errors import InvalidInput, NotFound
-from quarkflow_core.schema import DatasetSnapshot, ModelAlias, ModelVersion, TrainingRun
+from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
+    DatasetSnapshot,
+    ModelAlias,
+    ModelVersion,
+    TrainingRun,
+)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ALIASES = (CHAMPION, CHALLENGER)
 
 
-def get_version(*, session: Session, ref: str | int) -> ModelVersion:
-    """``3``, ``"3"``, ``"v3"``, ``"champion"`` or ``"challenger"``."""
+def in_project(row: ModelVersion, project_id: int) -> ModelVersion:
+    """``row`` if it belongs to ``project_id``; another project's version is not found."""
+    if row.project_id != project_id:
+        raise NotFound(f"no model version v{row.version}")
+    return row
+
+
+def get_version(
+    *, session: Session, ref: str | int | ModelVersion, project_id: int = DEFAULT_PROJECT_ID
+) -> ModelVersion:
+    """``3``, ``"3"``, ``"v3"``, ``"champion"`` or ``"challenger"`` of the project (a
+    ``ModelVersion`` is checked to belong to it)."""
+    if isinstance(ref, ModelVersion):
+        return in_project(ref, project_id)
     text_ref = str(ref).strip().lower()
     if text_ref in ALIASES:
-        alias = session.get(ModelAlias, text_ref, populate_existing=True)
+        alias = session.get(ModelAlias, (project_id, text_ref), populate_existing=True)
         if alias is None:
             raise NotFound(f"there is no {text_ref} yet")
         return session.get(ModelVersion, alias.version_id)
     number = text_ref[1:] if text_ref.startswith("v") else text_ref
     if not (number.isascii() and number.isdigit()) or len(number) > 9:
         raise InvalidInput(f"{ref!r} is not a version: use 3, v3, champion or challenger")
-    row = session.scalar(select(ModelVersion).where(ModelVersion.version == int(number)))
+    row = session.scalar(
+        select(ModelVersion).where(
+            ModelVersion.project_id == project_id, ModelVersion.version == int(number)
+        )
+    )
     if row is None:
         raise NotFound(f"no model version v{number}")
     return row
 
 
-def aliases(*, session: Session) -> dict[str, ModelVersion]:
+def aliases(*, session: Session, project_id: int = DEFAULT_PROJECT_ID) -> dict[str, ModelVersion]:
     rows = session.execute(
-        select(ModelAlias.alias, ModelVersion).join(
-            ModelVersion, ModelVersion.id == ModelAlias.version_id
-        )
+        select(ModelAlias.alias, ModelVersion)
+        .join(ModelVersion, ModelVersion.id == ModelAlias.version_id)
+        .where(ModelAlias.project_id == project_id)
     ).all()
     return {alias: version for alias, version in rows}
 
 
-def alias_of(*, session: Session, alias: str) -> ModelVersion | None:
-    row = session.get(ModelAlias, alias, populate_existing=True)
+def alias_of(
+    *, session: Session, alias: str, project_id: int = DEFAULT_PROJECT_ID
+) -> ModelVersion | None:
+    row = session.get(ModelAlias, (project_id, alias), populate_existing=True)
     return None if row is None else session.get(ModelVersion, row.version_id)
 
 
-def list_versions(*, session: Session) -> list[ModelVersion]:
-    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.version)))
+def list_versions(*, session: Session, project_id: int = DEFAULT_PROJECT_ID) -> list[ModelVersion]:
+    return list(
+        session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.project_id == project_id)
+            .order_by(ModelVersion.version)
+        )
+    )
 
 
 def summary(row: ModelVersion, *, session: Session | None = None) -> dict[str, Any]:

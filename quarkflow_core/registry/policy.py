@@ -3,12 +3,16 @@
 ``compare_versions`` scores two versions on the same hold-out (cached in storage, so the
 workbench and the approval see the same numbers); ``evaluate_policy`` judges that comparison
 against ``PolicyConfig`` and only advises; ``propose`` bundles candidate, champion, verdict,
-pruning trade-off and lineage into the evidence that an approval freezes (``Proposal``)."""
+pruning trade-off and lineage into the evidence that an approval freezes (``Proposal``).
+
+Per project (``project_id``): the champion, the versions and the default hold-out (the
+project's newest snapshot) are the project's; ``PolicyConfig.for_project`` applies the
+project's policy overrides to the QF_POLICY_* thresholds."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,16 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.errors import InvalidInput, ObjectNotFound
 from quarkflow_core.registry.events import evidence_sha256
-from quarkflow_core.registry.lookups import CHAMPION, alias_of, get_version, lineage, summary
+from quarkflow_core.registry.lookups import (
+    CHAMPION,
+    alias_of,
+    get_version,
+    in_project,
+    lineage,
+    summary,
+)
 from quarkflow_core.registry.versions import load_version
-from quarkflow_core.schema import ModelVersion, json_safe
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, ModelVersion, json_safe
 from quarkflow_core.storage import Storage
 
 
@@ -51,6 +62,22 @@ class PolicyConfig:
             max_class_recall_drop=settings.policy_max_class_recall_drop,
             max_ece_increase=settings.policy_max_ece_increase,
         )
+
+    @classmethod
+    def for_project(
+        cls, *, session: Session, project_id: int = DEFAULT_PROJECT_ID, settings: Any = None
+    ) -> PolicyConfig:
+        """The QF_POLICY_* thresholds with the project's policy overrides (``Project.policy``,
+        e.g. ``{"noninferiority_margin": 0.01}``) applied; unknown keys are ignored."""
+        from quarkflow_core.projects import get_project
+
+        overrides = dict(get_project(session=session, ref=project_id).policy or {})
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in overrides.items() if k in names and v is not None}
+        try:
+            return replace(cls.from_settings(settings), **{k: float(v) for k, v in known.items()})
+        except (TypeError, ValueError):
+            raise InvalidInput(f"project {project_id}: bad policy overrides {known}") from None
 
 
 @dataclass
@@ -187,6 +214,7 @@ def compare_versions(
     cache_root: str | Path,
     snapshot_id: int | None = None,
     alpha: float = 0.05,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, Any]:
     """Paired comparison of B against A on one hold-out, cached in storage under
     ``comparisons/`` so the workbench and the approval see the same numbers.
@@ -194,16 +222,20 @@ def compare_versions(
     The default hold-out is the newest snapshot's, whichever snapshot either version was
     trained on: the hold-out grows with the labels (``labels.build_training_snapshot``), and
     every comparison is scored on the same, current one. The report names it (``snapshot_id``,
-    ``n``, ``power``)."""
+    ``n``, ``power``). Both versions and the snapshot must be the project's."""
+    from quarkflow_core.datasets import get_snapshot
     from quarkflow_core.ml.compare import REPORT_FORMAT, compare
     from quarkflow_core.ml.evaluate import measure_latency, predict_proba
     from quarkflow_core.training_runs import default_snapshot_id, load_holdout
 
+    in_project(a, project_id)
+    in_project(b, project_id)
     if list(a.classes) != list(b.classes):
         raise InvalidInput(
             f"v{a.version} and v{b.version} predict different class lists; they cannot be compared"
         )
-    snap_id = snapshot_id or default_snapshot_id(session=session)
+    snap_id = snapshot_id or default_snapshot_id(session=session, project_id=project_id)
+    get_snapshot(session=session, snapshot_id=snap_id, project_id=project_id)
     key = _comparison_key(a, b, snap_id)
     try:
         cached = json.loads(storage.get(key))
@@ -215,7 +247,13 @@ def compare_versions(
     lb = load_version(storage=storage, row=b, cache_root=cache_root)
 
     def holdout(preset: Any) -> Any:
-        return load_holdout(session=session, storage=storage, snapshot_id=snap_id, preset=preset)[1]
+        return load_holdout(
+            session=session,
+            storage=storage,
+            snapshot_id=snap_id,
+            preset=preset,
+            project_id=project_id,
+        )[1]
 
     hold_a = holdout(la.preset)
     hold_b = hold_a if lb.preset == la.preset else holdout(lb.preset)
@@ -283,7 +321,9 @@ def _pruning_tradeoff(session: Session, row: ModelVersion) -> dict[str, Any]:
             "pruning": v.manifest.get("metrics", {}).get("pruning"),
         }
         for v in session.scalars(
-            select(ModelVersion).where(ModelVersion.parent_version_id == row.id)
+            select(ModelVersion).where(
+                ModelVersion.project_id == row.project_id, ModelVersion.parent_version_id == row.id
+            )
         )
     ]
     return {"candidate_is_pruned": own is not None, "candidate": own, "variants": variants}
@@ -297,11 +337,12 @@ def propose(
     cache_root: str | Path,
     config: PolicyConfig | None = None,
     snapshot_id: int | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> Proposal:
-    """Compare a candidate with the current champion and judge it (no state changes)."""
+    """Compare a candidate with the project's champion and judge it (no state changes)."""
     config = config or PolicyConfig()
-    cand = ref if isinstance(ref, ModelVersion) else get_version(session=session, ref=ref)
-    champ = alias_of(session=session, alias=CHAMPION)
+    cand = get_version(session=session, ref=ref, project_id=project_id)
+    champ = alias_of(session=session, alias=CHAMPION, project_id=project_id)
     report = None
     if champ is not None and champ.id != cand.id:
         report = compare_versions(
@@ -312,6 +353,7 @@ def propose(
             cache_root=cache_root,
             snapshot_id=snapshot_id,
             alpha=config.alpha,
+            project_id=project_id,
         )
     policy = evaluate_policy(report, config)
     evidence = json_safe(

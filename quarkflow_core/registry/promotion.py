@@ -7,7 +7,11 @@ the target is checked against its sha256 first. The alias move, the append-only 
 registry lock (``_move_champion``). The decision records which champion it was made against; if
 another lead moved the champion meanwhile the second decision is refused with ``Conflict``
 rather than silently overwriting it. A refused decision is audited too (``_refuse``), and so is
-a refusal by role (``users.authorize``).
+a refusal by role (``users.authorize``, with the role that counts in the project).
+
+Every decision is within one project (``project_id``, default: the default project): its
+champion, its challenger, its versions and its history; another project's version is not
+found. Audit rows name the project (``detail["project_id"]``).
 
 These functions commit by design (see ``quarkflow_core.database``): the lock needs a fresh
 transaction, so the caller's is committed first, and the decision is committed here with its
@@ -29,6 +33,7 @@ from quarkflow_core.registry.lookups import CHALLENGER, CHAMPION, alias_of, get_
 from quarkflow_core.registry.policy import PolicyConfig, Proposal, propose
 from quarkflow_core.registry.versions import verify_stored
 from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
     ModelAlias,
     ModelVersion,
     PromotionAction,
@@ -52,6 +57,7 @@ def _check_reason(reason: str | None, *, minimum: int = MIN_REASON, why: str = "
 
 def _refuse(session: Session, user: User, action: str, target: ModelVersion, why: str) -> None:
     """Record a refused decision in the audit log; it outlives the caller's rollback."""
+    target_no, project_id = target.version, target.project_id
     session.rollback()
     begin_write(session)
     record_audit(
@@ -60,8 +66,8 @@ def _refuse(session: Session, user: User, action: str, target: ModelVersion, why
         action=action,
         outcome="refused",
         target_type="model_version",
-        target_id=target.version,
-        detail={"why": why},
+        target_id=target_no,
+        detail={"why": why, "project_id": project_id},
     )
     session.commit()
 
@@ -81,9 +87,9 @@ def _move_champion(
     audit, commit."""
     expected_id = expected_from.id if expected_from else None
     expected_no = expected_from.version if expected_from else None
-    target_id, target_no = target.id, target.version
+    target_id, target_no, project_id = target.id, target.version, target.project_id
     _lock(session)
-    current = session.get(ModelAlias, CHAMPION, populate_existing=True)
+    current = session.get(ModelAlias, (project_id, CHAMPION), populate_existing=True)
     current_id = current.version_id if current else None
     if current_id != expected_id:
         now = session.get(ModelVersion, current_id).version if current_id else None
@@ -96,11 +102,10 @@ def _move_champion(
         raise Conflict(why)
     target = session.get(ModelVersion, target_id)
     _set_alias(session, CHAMPION, target, user.username)
-    challenger = session.get(ModelAlias, CHALLENGER, populate_existing=True)
-    if challenger is not None and challenger.version_id == target_id:
-        session.execute(delete(ModelAlias).where(ModelAlias.alias == CHALLENGER))
+    _drop_challenger(session, project_id, target_id)
     event = _event(
         session,
+        project_id=project_id,
         action=action,
         alias=CHAMPION,
         from_id=expected_id,
@@ -123,10 +128,22 @@ def _move_champion(
             "to": target_no,
             "event_id": event.id,
             "evidence_sha256": event.evidence_sha256,
+            "project_id": project_id,
         },
     )
     session.commit()
     return event
+
+
+def _drop_challenger(session: Session, project_id: int, version_id: int) -> None:
+    """The project's challenger stops being one if it points at ``version_id``."""
+    challenger = session.get(ModelAlias, (project_id, CHALLENGER), populate_existing=True)
+    if challenger is not None and challenger.version_id == version_id:
+        session.execute(
+            delete(ModelAlias).where(
+                ModelAlias.project_id == project_id, ModelAlias.alias == CHALLENGER
+            )
+        )
 
 
 def _integrity_or_refuse(
@@ -150,23 +167,27 @@ def approve(
     override: bool = False,
     config: PolicyConfig | None = None,
     proposal: Proposal | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> PromotionEvent:
     """Make ``version`` the champion. Needs role ml_lead and a reason; a failing policy needs
     ``override=True`` and a written reason of at least 20 characters. ``proposal`` lets a UI
     approve exactly the evidence it showed (it must be for the same version)."""
     action = "models.approve"
-    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action)
+    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action, project_id=project_id)
     reason = _check_reason(reason)
-    cand = (
-        version if isinstance(version, ModelVersion) else get_version(session=session, ref=version)
-    )
-    champ = alias_of(session=session, alias=CHAMPION)
+    cand = get_version(session=session, ref=version, project_id=project_id)
+    champ = alias_of(session=session, alias=CHAMPION, project_id=project_id)
     if champ is not None and champ.id == cand.id:
         raise InvalidInput(f"v{cand.version} is already the champion")
     _integrity_or_refuse(session, storage, user, action, cand)
     if proposal is None or proposal.candidate.id != cand.id:
         proposal = propose(
-            session=session, storage=storage, ref=cand, cache_root=cache_root, config=config
+            session=session,
+            storage=storage,
+            ref=cand,
+            cache_root=cache_root,
+            config=config,
+            project_id=project_id,
         )
     verdict = proposal.policy.verdict
     if not proposal.policy.passed:
@@ -195,29 +216,31 @@ def approve(
 
 
 def reject(
-    *, session: Session, version: str | int | ModelVersion, user: User, reason: str
+    *,
+    session: Session,
+    version: str | int | ModelVersion,
+    user: User,
+    reason: str,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> PromotionEvent:
     """Decline a candidate: recorded, and it stops being the challenger."""
     action = "models.reject"
-    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action)
+    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action, project_id=project_id)
     reason = _check_reason(reason)
-    cand = (
-        version if isinstance(version, ModelVersion) else get_version(session=session, ref=version)
-    )
+    cand = get_version(session=session, ref=version, project_id=project_id)
     cand_id, cand_no = cand.id, cand.version
     _lock(session)
-    champ = alias_of(session=session, alias=CHAMPION)
+    champ = alias_of(session=session, alias=CHAMPION, project_id=project_id)
     if champ is not None and champ.id == cand_id:
         session.rollback()
         raise InvalidInput(
             f"v{cand_no} is the champion; roll back to another version instead of rejecting it"
         )
     cand = session.get(ModelVersion, cand_id)
-    challenger = session.get(ModelAlias, CHALLENGER, populate_existing=True)
-    if challenger is not None and challenger.version_id == cand_id:
-        session.execute(delete(ModelAlias).where(ModelAlias.alias == CHALLENGER))
+    _drop_challenger(session, project_id, cand_id)
     event = _event(
         session,
+        project_id=project_id,
         action=PromotionAction.REJECT,
         alias=CHALLENGER,
         from_id=cand_id,
@@ -234,17 +257,17 @@ def reject(
         outcome="ok",
         target_type="model_version",
         target_id=cand_no,
-        detail={"event_id": event.id},
+        detail={"event_id": event.id, "project_id": project_id},
     )
     session.commit()
     return event
 
 
-def champion_stack(*, session: Session) -> list[int]:
-    """Version ids that have been champion, oldest first, with rolled-back ones popped:
-    approve pushes; rollback to an earlier entry truncates back to it."""
+def champion_stack(*, session: Session, project_id: int = DEFAULT_PROJECT_ID) -> list[int]:
+    """Version ids that have been the project's champion, oldest first, with rolled-back ones
+    popped: approve pushes; rollback to an earlier entry truncates back to it."""
     stack: list[int] = []
-    for ev in history(session=session, alias=CHAMPION):
+    for ev in history(session=session, alias=CHAMPION, project_id=project_id):
         if ev.to_version_id is None:
             continue
         if ev.action == PromotionAction.ROLLBACK and ev.to_version_id in stack:
@@ -261,23 +284,25 @@ def rollback(
     user: User,
     reason: str,
     to: str | int | ModelVersion | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> PromotionEvent:
-    """Move ``champion`` back to the previous champion, or to any earlier version ``to``."""
+    """Move the project's ``champion`` back to its previous champion, or to any earlier
+    version ``to`` of the project."""
     action = "models.rollback"
-    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action)
+    authorize(session, actor=user, allowed={Role.ML_LEAD}, action=action, project_id=project_id)
     reason = _check_reason(reason)
-    champ = alias_of(session=session, alias=CHAMPION)
+    champ = alias_of(session=session, alias=CHAMPION, project_id=project_id)
     if champ is None:
         raise InvalidInput("there is no champion to roll back")
     if to is None:
-        stack = champion_stack(session=session)
+        stack = champion_stack(session=session, project_id=project_id)
         if len(stack) < 2:
             raise InvalidInput(
                 f"v{champ.version} is the first champion; name the version to roll back to"
             )
         target = session.get(ModelVersion, stack[-2])
     else:
-        target = to if isinstance(to, ModelVersion) else get_version(session=session, ref=to)
+        target = get_version(session=session, ref=to, project_id=project_id)
     if target.id == champ.id:
         raise InvalidInput(f"v{target.version} is already the champion")
     _integrity_or_refuse(session, storage, user, action, target)

@@ -8,6 +8,9 @@ against the registered sha256) whenever a version is read back: ``verify_stored`
 promotion or rollback, ``materialize`` / ``load_version`` before serving or comparing, into the
 local cache that ``model_cache_dir`` names.
 
+Versions belong to a project and are numbered within it (v1, v2, ... per project); the same
+artifact may be registered in two projects (two versions, one set of stored files).
+
 ``register_version`` commits by design, under the registry lock, with its audit row (see
 ``quarkflow_core.database``)."""
 
@@ -30,8 +33,15 @@ from quarkflow_core.ml.artifacts import (
     manifest_sha256,
     verify_artifact,
 )
+from quarkflow_core.projects import check_same_classes, ensure_classes, get_project
 from quarkflow_core.registry.events import _lock, set_challenger
-from quarkflow_core.schema import DatasetSnapshot, ModelVersion, TrainingRun, json_safe
+from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
+    DatasetSnapshot,
+    ModelVersion,
+    TrainingRun,
+    json_safe,
+)
 from quarkflow_core.storage import Storage
 from quarkflow_core.users import record_audit
 
@@ -67,13 +77,31 @@ def register_version(
     artifact_dir: str | Path,
     created_by: str,
     as_challenger: bool = False,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> ModelVersion:
-    """Upload a verified artifact folder and record it as the next version (idempotent)."""
+    """Upload a verified artifact folder and record it as the project's next version
+    (idempotent within the project). A project created without classes takes its first
+    version's (``projects.ensure_classes``)."""
+    get_project(session=session, ref=project_id)  # NotFound for an unknown project
     folder = Path(artifact_dir)
     manifest = verify_artifact(folder)
     sha = manifest_sha256(folder)
-    existing = session.scalar(select(ModelVersion).where(ModelVersion.sha256 == sha))
+
+    def registered(sha256: str) -> ModelVersion | None:
+        return session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.project_id == project_id, ModelVersion.sha256 == sha256
+            )
+        )
+
+    existing = registered(sha)
     if existing is None:
+        check_same_classes(
+            session=session,
+            project_id=project_id,
+            classes=list(manifest["classes"]),
+            what=f"the model in {folder}",
+        )
         prefix = storage_prefix(sha)
         for name in sorted(manifest["files"]):
             storage.put(f"{prefix}/{name}", (folder / name).read_bytes(), overwrite=True)
@@ -84,23 +112,29 @@ def register_version(
             overwrite=True,
         )
         _lock(session)
-        existing = session.scalar(select(ModelVersion).where(ModelVersion.sha256 == sha))
+        existing = registered(sha)
     if existing is not None:
         if as_challenger:
-            set_challenger(session=session, version=existing, actor=created_by)
+            set_challenger(
+                session=session, version=existing, actor=created_by, project_id=project_id
+            )
         return existing
 
     dataset, training = manifest.get("dataset", {}), manifest.get("training", {})
     snap_id = dataset.get("snapshot_id")
     run_id = training.get("run_id")
     parent_sha = manifest.get("parent", {}).get("manifest_sha256")
-    parent = (
-        session.scalar(select(ModelVersion).where(ModelVersion.sha256 == parent_sha))
-        if parent_sha
-        else None
-    )
-    number = (session.scalar(select(func.max(ModelVersion.version))) or 0) + 1
+    parent = registered(parent_sha) if parent_sha else None
+    snap = session.get(DatasetSnapshot, snap_id) if snap_id else None
+    run = session.get(TrainingRun, run_id) if run_id else None
+    number = (
+        session.scalar(
+            select(func.max(ModelVersion.version)).where(ModelVersion.project_id == project_id)
+        )
+        or 0
+    ) + 1
     row = ModelVersion(
+        project_id=project_id,
         version=number,
         architecture=manifest["architecture"],
         classes=list(manifest["classes"]),
@@ -108,14 +142,15 @@ def register_version(
         sha256=sha,
         metrics=json_safe(_headline(manifest.get("metrics", {}))),
         manifest=json_safe(manifest),
-        snapshot_id=snap_id if snap_id and session.get(DatasetSnapshot, snap_id) else None,
-        training_run_id=run_id if run_id and session.get(TrainingRun, run_id) else None,
+        snapshot_id=snap.id if snap is not None and snap.project_id == project_id else None,
+        training_run_id=run.id if run is not None and run.project_id == project_id else None,
         parent_version_id=parent.id if parent else None,
         size_bytes=sum(int(f["size"]) for f in manifest["files"].values()),
         created_by=created_by,
     )
     session.add(row)
     session.flush()
+    ensure_classes(session=session, project_id=project_id, classes=row.classes)
     record_audit(
         session=session,
         actor=None,
@@ -123,12 +158,21 @@ def register_version(
         outcome="ok",
         target_type="model_version",
         target_id=number,
-        detail={"by": created_by, "sha256": sha, "architecture": row.architecture},
+        detail={
+            "by": created_by,
+            "sha256": sha,
+            "architecture": row.architecture,
+            "project_id": project_id,
+        },
     )
     session.commit()
     if as_challenger:
         set_challenger(
-            session=session, version=row, actor=created_by, reason="registered as challenger"
+            session=session,
+            version=row,
+            actor=created_by,
+            reason="registered as challenger",
+            project_id=project_id,
         )
     return row
 

@@ -1,16 +1,16 @@
-"""The prediction service behind the API and the Gradio demo: model holder + champion watcher,
-micro-batcher, durable outbox + flusher, and health. Who is calling is checked by
-``service.tokens``, metrics live in ``service.metrics``, the flusher's fault rule in
-``service.faults``. The web layers only translate HTTP / UI events into these calls."""
+"""The prediction service behind the API and the Gradio demo: one model holder per project +
+champion watcher (``service.models``), micro-batcher, durable outbox + flusher, and health. Who
+is calling is checked by ``service.tokens``, metrics live in ``service.metrics``, the flusher's
+fault rule in ``service.faults``. The web layers only translate HTTP / UI events into these
+calls. Every prediction, lookup and feedback belongs to one project (``project_id``, default:
+the default project): another project's prediction is NotFound, as an unknown one is."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-import uuid
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +34,20 @@ from quarkflow_core.predictions import (
     FEEDBACK,
     PREDICTION,
     apply_records,
+    feedback_record,
     get_prediction,
     parse_verdict,
+    pending_dict,
     prediction_dict,
     prediction_record,
     public_view,
     store_blobs,
 )
-from quarkflow_core.predictor import (
-    MicroBatcher,
-    ModelHolder,
-    NoModel,
-    Predictor,
-    read_pointer,
-    summarize,
-    write_pointer,
-)
-from quarkflow_core.schema import Verdict
+from quarkflow_core.predictor import MicroBatcher, ModelHolder, NoModel, Predictor, summarize
+from quarkflow_core.schema import DEFAULT_PROJECT_ID
 from quarkflow_core.service.faults import is_transient
 from quarkflow_core.service.metrics import Metrics
+from quarkflow_core.service.models import ProjectModels
 from quarkflow_core.service.principal import Principal
 from quarkflow_core.service.tokens import TokenCheck
 from quarkflow_core.storage import Storage, storage_from_url
@@ -76,8 +71,6 @@ class PredictionService:
             project=settings.gcs_project,
         )
         self.metrics = Metrics()
-        self.holder = ModelHolder()
-        self.holder.listeners.append(self._on_swap)
         self.batcher = MicroBatcher(
             max_batch=settings.serving_max_batch,
             max_wait_ms=settings.serving_max_wait_ms,
@@ -90,14 +83,24 @@ class PredictionService:
         serving_dir = Path(settings.data_dir) / "serving"
         self.outbox = Outbox(outbox_path(settings.data_dir))
         self.flusher = Flusher(self.outbox, self._apply, is_transient=is_transient)
-        self.pointer = serving_dir / "current.json"
         self.cache_root = registry.model_cache_dir(settings)
+        self.models = ProjectModels(
+            settings,
+            storage=self.storage,
+            cache_root=self.cache_root,
+            serving_dir=serving_dir,
+            session=self.session,
+            on_swap=self._on_swap,
+        )
+        self.holders = self.models.holders  # project id -> ModelHolder
+        self.holder: ModelHolder = self.models.holder(DEFAULT_PROJECT_ID)  # the default project's
+        self.pointer = self.models.pointer(DEFAULT_PROJECT_ID)
         self.watch_error: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.tokens = TokenCheck(settings, self.session)
         self._rescore_lock = threading.Lock()
-        self._rescorer: threading.Thread | None = None
+        self._rescorers: list[threading.Thread] = []
         self.last_rescore: dict[str, int] | None = None
         self.metrics.outbox_depth.set_function(self.outbox.depth)
         self.metrics.dead_letters.set_function(self.outbox.dead_letters)
@@ -119,8 +122,8 @@ class PredictionService:
         if self._watcher is not None:
             self._watcher.join(timeout=10)
             self._watcher = None
-        if self._rescorer is not None:
-            self._rescorer.join(timeout=30)
+        for rescorer in self._rescorers:
+            rescorer.join(timeout=30)
         self.batcher.stop()
         self.flusher.stop()
         self.outbox.close()
@@ -133,23 +136,39 @@ class PredictionService:
 
     # ------------------------------------------------------------------ model
 
-    def _on_swap(self, predictor: Predictor) -> None:
-        self.metrics.swaps.inc()
-        self.metrics.model_version.set(predictor.version or 0)
-        if self.settings.review_rescore and predictor.version is not None:
-            self._rescorer = threading.Thread(
-                target=self.rescore_queue, args=(predictor,), name="qf-rescore", daemon=True
-            )
-            self._rescorer.start()
+    def current(self, project_id: int = DEFAULT_PROJECT_ID) -> Predictor | None:
+        """The model a project is served with right now (None: none loaded)."""
+        return self.models.current(project_id)
 
-    def rescore_queue(self, predictor: Predictor) -> dict[str, int] | None:
-        """Re-score the open review items with a newly served champion (one at a time; a
-        re-score for a model no longer served is skipped). Errors are logged, not raised: the
-        next swap or ``quarkflow review rescore`` catches up."""
+    def project_names(self) -> dict[str, int]:
+        """Project name -> id, as of the watcher's last listing (no database call)."""
+        return {self.models.name(pid): pid for pid in sorted(self.models.names)}
+
+    def _on_swap(self, project_id: int, predictor: Predictor) -> None:
+        self.metrics.swaps.inc()
+        if project_id == DEFAULT_PROJECT_ID:
+            self.metrics.model_version.set(predictor.version or 0)
+        if self.settings.review_rescore and predictor.version is not None:
+            rescorer = threading.Thread(
+                target=self.rescore_queue,
+                args=(predictor,),
+                kwargs={"project_id": project_id},
+                name="qf-rescore",
+                daemon=True,
+            )
+            self._rescorers = [t for t in self._rescorers if t.is_alive()] + [rescorer]
+            rescorer.start()
+
+    def rescore_queue(
+        self, predictor: Predictor, *, project_id: int = DEFAULT_PROJECT_ID
+    ) -> dict[str, int] | None:
+        """Re-score a project's open review items with its newly served champion (one re-score
+        at a time; one for a model no longer served is skipped). Errors are logged, not raised:
+        the next swap or ``quarkflow review rescore`` catches up."""
         from quarkflow_core.queue import rescore
 
         with self._rescore_lock:
-            if self.holder.current is not predictor or self._stop.is_set():
+            if self.models.current(project_id) is not predictor or self._stop.is_set():
                 return None
             try:
                 with self.session() as s:
@@ -158,51 +177,30 @@ class PredictionService:
                         storage=self.storage,
                         predictor=predictor,
                         threshold=predictor.threshold(self.settings.review_threshold),
+                        project_id=project_id,
                     )
             except Exception as exc:
                 log.warning("re-scoring the queue with v%s failed: %s", predictor.version, exc)
                 return None
-            self.last_rescore = {"version": predictor.version, **counts}
+            self.last_rescore = {"version": predictor.version, "project_id": project_id, **counts}
             log.info("review queue re-scored with v%s: %s", predictor.version, counts)
             return counts
 
     def load_initial(self) -> None:
-        """The champion from the database; with the database down, the model served last."""
+        """Every project's champion from the database; with the database down, the models
+        served last (one pointer per project)."""
         try:
             self.refresh_model()
             return
         except (OperationalError, DatabaseUnavailable) as exc:
-            log.warning("database unreachable at start (%s); trying the last served model", exc)
-        pointer = read_pointer(self.pointer)
-        if pointer:
-            predictor = Predictor.from_artifact(
-                pointer["path"],
-                version=pointer["version"],
-                backend=self.settings.serving_backend,
-            )
-            if predictor.sha256 == pointer["sha256"]:
-                predictor.warm_up()
-                self.holder.swap(predictor)
+            log.warning("database unreachable at start (%s); trying the last served models", exc)
+        self.models.load_pointers()
 
-    def refresh_model(self) -> bool:
-        """Swap to the current champion if it changed: load fully, verify sha256, warm up,
-        then swap. Returns True when a swap happened."""
-        with self.session() as s:
-            row = registry.alias_of(session=s, alias=registry.CHAMPION)
-            if row is None:
-                return False
-            current = self.holder.current
-            if current is not None and current.sha256 == row.sha256:
-                return False
-            path = registry.materialize(storage=self.storage, row=row, cache_root=self.cache_root)
-            version = row.version
-        predictor = Predictor.from_artifact(
-            path, version=version, backend=self.settings.serving_backend
-        )
-        predictor.warm_up()
-        self.holder.swap(predictor)
-        write_pointer(self.pointer, predictor, path)
-        return True
+    def refresh_model(self, project_id: int | None = None) -> bool:
+        """Swap to the current champion of every project (``None``, the projects listed afresh)
+        or of one, where it changed: load fully, verify sha256, warm up, then swap. Returns
+        True when a swap happened (see ``ProjectModels.refresh`` for failures)."""
+        return self.models.refresh(project_id)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.settings.model_poll_s):
@@ -235,17 +233,16 @@ class PredictionService:
         principal: Principal,
         request_id: str | None = None,
         source: str = "api",
+        project_id: int = DEFAULT_PROJECT_ID,
     ) -> list[dict[str, Any]]:
         """Validate every upload first (one bad file rejects the call, nothing is written),
-        then predict them through the batcher and log each durably before returning."""
+        then predict them with the project's model through the batcher and log each durably
+        (in that project) before returning."""
         if request_id is not None and (len(request_id) > 64 or not request_id.isprintable()):
             raise InvalidInput("request id: at most 64 printable characters", code="invalid_header")
-        predictor = self.holder.current
+        predictor = self.models.ensure(project_id)
         if predictor is None:
-            raise NoModel(
-                "no model is being served yet: approve a version (`quarkflow models approve`) "
-                "or run `make demo`"
-            )
+            raise NoModel(self.models.no_model_message(project_id))
         if not uploads:
             raise InvalidInput("no image was uploaded", code="no_file")
         if len(uploads) > self.settings.max_batch_files:
@@ -282,6 +279,7 @@ class PredictionService:
                 user_id=principal.user_id,
                 request_id=request_id,
                 source=source,
+                project_id=project_id,
             )
             self.outbox.append(PREDICTION, payload["id"], payload, data)
             self.metrics.predictions.inc()
@@ -298,26 +296,19 @@ class PredictionService:
             begin_write(s)
             apply_records(s, self.storage, records, blobs_stored=True)
 
-    def get_prediction(self, prediction_id: str) -> dict[str, Any]:
+    def get_prediction(
+        self, prediction_id: str, *, project_id: int = DEFAULT_PROJECT_ID
+    ) -> dict[str, Any]:
+        """A project's prediction, logged or still in the outbox; NotFound for an unknown id
+        and for another project's."""
         pending = self.outbox.find(prediction_id, PREDICTION)
         if pending is not None:
-            p = pending.payload
-            return {
-                "id": p["id"],
-                "label": p["label"],
-                "confidence": p["confidence"],
-                "topk": p["topk"],
-                "model_version": p["model_version"],
-                "latency_ms": p["latency_ms"],
-                "created_at": p["created_at"],
-                "image_sha256": p["image"]["sha256"],
-                "logged": False,  # acknowledged, still in the outbox
-                "feedback": [],
-                "review": {"state": "pending", "reason": "low_confidence"} if p["review"] else None,
-            }
+            if pending.payload.get("project_id", DEFAULT_PROJECT_ID) != project_id:
+                raise NotFound(f"no prediction with id {prediction_id}")
+            return pending_dict(pending.payload)
         try:
             with self.session() as s:
-                pred = get_prediction(session=s, prediction_id=prediction_id)
+                pred = get_prediction(session=s, prediction_id=prediction_id, project_id=project_id)
                 if pred is None:
                     raise NotFound(f"no prediction with id {prediction_id}")
                 return prediction_dict(s, pred)
@@ -336,14 +327,17 @@ class PredictionService:
         true_label: str | None,
         comment: str | None,
         principal: Principal,
+        project_id: int = DEFAULT_PROJECT_ID,
     ) -> dict[str, Any]:
-        """Acknowledged only once durable (committed to the outbox). While the database is down
-        the prediction is checked against the ones this server acknowledged (any age)."""
+        """Acknowledged only once durable (committed to the outbox). The prediction must be the
+        project's, the label one of the classes of the project's served model. While the
+        database is down the prediction is checked against the ones this server acknowledged
+        (any age)."""
         v = parse_verdict(verdict)
-        try:
-            pred = self.get_prediction(prediction_id)  # NotFound for unknown ids
+        try:  # NotFound for unknown ids and other projects' predictions
+            pred = self.get_prediction(prediction_id, project_id=project_id)
         except DatabaseUnavailable:
-            label = self.outbox.known_label(prediction_id)
+            label = self.outbox.known_label(prediction_id, project_id=project_id)
             if label is None:
                 raise DatabaseUnavailable(
                     f"the database is unreachable and prediction {prediction_id} was not made "
@@ -351,42 +345,20 @@ class PredictionService:
                     "back"
                 ) from None
             pred = {"id": prediction_id, "label": label}
-        classes = self.holder.current.classes if self.holder.current else []
-        true_label = (true_label or "").strip() or None
-        if true_label is not None and classes and true_label not in classes:
-            raise InvalidInput(
-                f"unknown label {true_label!r}; valid labels: {', '.join(classes)}",
-                code="unknown_label",
-            )
-        if v == Verdict.CORRECT and true_label not in (None, pred["label"]):
-            raise InvalidInput(
-                f"verdict 'correct' but true_label {true_label!r} differs from the predicted "
-                f"{pred['label']!r}; send verdict 'wrong'",
-            )
-        if v == Verdict.CORRECT:
-            true_label = pred["label"]
-        if comment is not None and len(comment) > 2000:
-            raise InvalidInput("comment too long: at most 2000 characters")
-        if comment is not None and any(ord(c) < 32 and c not in "\t\n\r" for c in comment):
-            raise InvalidInput("comment: must not contain NUL or other control characters")
-        fid = str(uuid.uuid4())
-        payload = {
-            "id": fid,
-            "prediction_id": prediction_id,
-            "verdict": v.value,
-            "true_label": true_label,
-            "comment": comment,
-            "user_id": principal.user_id,
-            "created_at": datetime.now(UTC).isoformat(),
-        }
-        self.outbox.append(FEEDBACK, fid, payload)
-        return {
-            "id": fid,
-            "prediction_id": prediction_id,
-            "verdict": v.value,
-            "true_label": true_label,
-            "durable": True,
-        }
+        served = self.models.current(project_id)
+        payload = feedback_record(
+            prediction_id=prediction_id,
+            predicted=pred["label"],
+            verdict=v,
+            true_label=true_label,
+            comment=comment,
+            classes=served.classes if served else [],
+            user_id=principal.user_id,
+            project_id=project_id,
+        )
+        self.outbox.append(FEEDBACK, payload["id"], payload)
+        keys = ("id", "prediction_id", "verdict", "true_label")
+        return {**{k: payload[k] for k in keys}, "durable": True}
 
     # ------------------------------------------------------------------ health
 
@@ -414,5 +386,8 @@ class PredictionService:
         checks["outbox"] = self.flusher.status()
         if self.watch_error:
             checks["model"]["watch_error"] = self.watch_error
-        ready = all(checks[k]["ok"] for k in ("model", "database", "storage"))
+        checks["projects"] = self.models.report()
+        # ready once any project's model is served (the default project may have none)
+        served = checks["model"]["ok"] or any(p["ok"] for p in checks["projects"].values())
+        ready = served and all(checks[k]["ok"] for k in ("database", "storage"))
         return {"ready": ready, "checks": checks}

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.queue import STRATEGIES
+from quarkflow_core.schema import DEFAULT_PROJECT_ID
 
 SIM_STRATEGIES = ("random", *STRATEGIES)  # random: any unanswered image
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -57,15 +58,22 @@ class LabelledData:
         return cls(f"folder {root}", images, labels)
 
     @classmethod
-    def from_snapshot(cls, *, session: Session, storage: Any, snapshot_id: int) -> LabelledData:
-        """Every image of a dataset snapshot (all splits) with its snapshot label."""
+    def from_snapshot(
+        cls,
+        *,
+        session: Session,
+        storage: Any,
+        snapshot_id: int,
+        project_id: int = DEFAULT_PROJECT_ID,
+    ) -> LabelledData:
+        """Every image of a project's dataset snapshot (all splits) with its snapshot label."""
         from quarkflow_core.datasets import snapshot_items
 
-        items = snapshot_items(session=session, snapshot_id=snapshot_id)
+        items = snapshot_items(session=session, snapshot_id=snapshot_id, project_id=project_id)
         return cls(
             f"snapshot #{snapshot_id}",
-            [storage.get(i["storage_key"]) for i in items],
-            [i["label"] for i in items],
+            [storage.get(i.storage_key) for i in items],
+            [i.label for i in items],
         )
 
 

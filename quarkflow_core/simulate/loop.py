@@ -22,7 +22,8 @@ from quarkflow_core.simulate.results import summarize_runs
 
 
 class Workspace:
-    """A throw-away deployment: SQLite + a local folder, migrated, one lead and one expert."""
+    """A throw-away deployment: SQLite + a local folder, migrated, one lead and one expert;
+    the loop runs in its default project."""
 
     def __init__(self, root: Path) -> None:
         from quarkflow_core import migrations

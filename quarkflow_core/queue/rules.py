@@ -1,37 +1,20 @@
-"""The review queue's rules: what opens an item, what settles or closes it, how urgent it is,
-and which items a person sees next. One item per image.
-
-* **Opened** by a prediction below the serving model's calibrated review threshold
-  (``low_confidence``), or by a person's "wrong" without a label (``user_disputed``: it needs
-  a label from someone).
-* **Scored by the current champion**: every new prediction of an image re-scores its item
-  (``scored_*``, ``priority``), and when the champion changes the open items are re-scored by
-  the new one (``rescore``: the API does it after each swap, ``quarkflow review rescore`` on
-  demand). An unanswered item the champion is now sure of **closes itself** (``closed``, with
-  the reason in ``note``); it re-opens if a later model is unsure again.
-* **Settled by people** (``settle``): the labels people gave (feedback: "correct" confirms the
-  prediction, "wrong, it is X" names X; Label Studio annotators' majority) agree ->
-  ``resolved`` with that label; they disagree with each other -> ``disputed`` until an analyst
-  decides. An analyst's or ML lead's decision (resolve, dismiss as noise) is final.
-* **Work to do** is ``open``, ``sent`` (to Label Studio) and ``disputed``: answered items leave
-  the queue. The order: disputed items first (priority >= 1), then the champion's uncertainty,
-  optionally spread for diversity and class balance (``QF_REVIEW_STRATEGY``, see ``order``).
-"""
+"""Opening, scoring, settling and re-scoring review items (the rules listed in
+``quarkflow_core.queue``). Every function takes ``project_id`` and touches only that project's
+items."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from quarkflow_core.errors import InvalidInput
 from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
     Annotation,
     AnnotationSource,
     Feedback,
@@ -109,18 +92,33 @@ def _apply_score(item: ReviewItem, score: Score, *, prediction_id: str | None) -
         item.state, item.note = ReviewState.OPEN, None
 
 
+def items_of(project_id: int, states: Sequence[ReviewState] | None = None) -> list[Any]:
+    """The where clause of the project's items (in ``states``)."""
+    where: list[Any] = [ReviewItem.project_id == project_id]
+    return where if states is None else [*where, ReviewItem.state.in_(states)]
+
+
+def _item_of(session: Session, *, image_id: int, project_id: int) -> ReviewItem | None:
+    where = (*items_of(project_id), ReviewItem.image_id == image_id)
+    return session.scalar(select(ReviewItem).where(*where))
+
+
 def observe(
-    session: Session, *, image_id: int, prediction_id: str | None, score: Score
+    session: Session,
+    *,
+    image_id: int,
+    prediction_id: str | None,
+    score: Score,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> ReviewItem | None:
-    """A new prediction of an image: open an item when the model is unsure, otherwise re-score
-    (and possibly close) the image's existing item. Settled items keep their state."""
-    item = session.scalar(select(ReviewItem).where(ReviewItem.image_id == image_id))
+    """A new prediction of a project's image: open an item when the model is unsure, otherwise
+    re-score (and possibly close) the image's existing item. Settled items keep their state."""
+    item = _item_of(session, image_id=image_id, project_id=project_id)
     if item is None:
         if not score.unsure:
             return None
-        item = ReviewItem(
-            image_id=image_id, reason=ReviewReason.LOW_CONFIDENCE, state=ReviewState.OPEN
-        )
+        reason, state = ReviewReason.LOW_CONFIDENCE, ReviewState.OPEN
+        item = ReviewItem(project_id=project_id, image_id=image_id, reason=reason, state=state)
         session.add(item)
     if item.state in (*RESCORED_STATES, ReviewState.DISPUTED):
         _apply_score(item, score, prediction_id=prediction_id)
@@ -128,8 +126,14 @@ def observe(
     return item
 
 
-def settle(session: Session, *, image_id: int, prediction_id: str | None = None) -> ReviewState:
-    """Settle one image from what people said about it (see the module docstring)."""
+def settle(
+    session: Session,
+    *,
+    image_id: int,
+    prediction_id: str | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
+) -> ReviewState:
+    """Settle one of the project's images from what people said about it (module docstring)."""
     votes = Counter(
         session.scalars(
             select(Annotation.label).where(
@@ -140,14 +144,15 @@ def settle(session: Session, *, image_id: int, prediction_id: str | None = None)
     said = session.execute(
         select(Feedback.verdict, Feedback.true_label, Prediction.label)
         .join(Prediction, Prediction.id == Feedback.prediction_id)
-        .where(Prediction.image_id == image_id)
+        .where(Prediction.image_id == image_id, Prediction.project_id == project_id)
     ).all()
     feedback_labels = {
         label for verdict, true, guess in said if (label := feedback_label(verdict, true, guess))
     }
-    item = session.scalar(select(ReviewItem).where(ReviewItem.image_id == image_id))
+    item = _item_of(session, image_id=image_id, project_id=project_id)
     if item is None:
         item = ReviewItem(
+            project_id=project_id,
             image_id=image_id,
             prediction_id=prediction_id,
             reason=ReviewReason.SAMPLED,
@@ -189,12 +194,18 @@ def settle(session: Session, *, image_id: int, prediction_id: str | None = None)
 # --------------------------------------------------------------------------- re-scoring
 
 
-def stale_items(session: Session, *, version: int | None, limit: int | None = None) -> list[int]:
-    """Ids of unanswered items not yet scored by ``version`` (most urgent first)."""
+def stale_items(
+    session: Session,
+    *,
+    version: int | None,
+    limit: int | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
+) -> list[int]:
+    """Ids of the project's unanswered items not yet scored by ``version`` (most urgent first)."""
     query = (
         select(ReviewItem.id)
         .where(
-            ReviewItem.state.in_(RESCORED_STATES),
+            *items_of(project_id, RESCORED_STATES),
             ReviewItem.reason.in_(UNANSWERED),
             or_(ReviewItem.scored_version.is_(None), ReviewItem.scored_version != version),
         )
@@ -211,8 +222,9 @@ def rescore(
     threshold: float,
     chunk: int = 128,
     on_progress: Callable[[int, int], None] | None = None,
+    project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, int]:
-    """Score every unanswered item again with ``predictor`` (the current champion): new
+    """Score every unanswered item of the project again with ``predictor`` (its champion): new
     priorities, items it is sure of closed, closed ones it is unsure of re-opened. Per chunk:
     the images are scored with no lock held, then the items are re-read under the write lock
     (an item a person answered meanwhile is left alone) and committed."""
@@ -220,7 +232,7 @@ def rescore(
     from quarkflow_core.images import validate_upload
     from quarkflow_core.predictor import summarize
 
-    ids = stale_items(session, version=predictor.version)
+    ids = stale_items(session, version=predictor.version, project_id=project_id)
     session.commit()
     counts = Counter(rescored=0, closed=0, reopened=0, unreadable=0)
     k = min(5, len(predictor.classes))
@@ -228,7 +240,7 @@ def rescore(
         keys = session.execute(
             select(ReviewItem.id, Image.storage_key)
             .join(Image, Image.id == ReviewItem.image_id)
-            .where(ReviewItem.id.in_(ids[start : start + chunk]))
+            .where(*items_of(project_id), ReviewItem.id.in_(ids[start : start + chunk]))
         ).all()
         session.commit()
         arrays, live = [], []
@@ -252,7 +264,8 @@ def rescore(
                 for item_id, row in zip(live, probs, strict=True)
             }
         begin_write(session)
-        for item in session.scalars(select(ReviewItem).where(ReviewItem.id.in_(list(scores)))):
+        where = (*items_of(project_id), ReviewItem.id.in_(list(scores)))
+        for item in session.scalars(select(ReviewItem).where(*where)):
             if item.state not in RESCORED_STATES or item.reason not in UNANSWERED:
                 continue
             was_closed = item.state == ReviewState.CLOSED
@@ -265,115 +278,3 @@ def rescore(
         if on_progress:
             on_progress(min(start + chunk, len(ids)), len(ids))
     return dict(counts)
-
-
-# --------------------------------------------------------------------------- what comes next
-
-
-def check_strategy(name: str) -> str:
-    if name not in STRATEGIES:
-        raise InvalidInput(f"unknown review strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    return name
-
-
-def probability_vector(topk: Sequence[dict[str, Any]], classes: Sequence[str]) -> np.ndarray:
-    """The model's output distribution rebuilt from its top-k (the rest of the mass spread
-    evenly over the other classes): the space the diversity step measures distances in."""
-    index = {c: i for i, c in enumerate(classes)}
-    vec = np.zeros(len(classes))
-    for entry in topk:
-        if entry["label"] in index:
-            vec[index[entry["label"]]] = entry["confidence"]
-    rest = len(classes) - len(topk)
-    if rest > 0:
-        vec[vec == 0] = max(0.0, 1.0 - vec.sum()) / rest
-    return vec
-
-
-def diverse_order(
-    priorities: Sequence[float], labels: Sequence[str], vectors: np.ndarray, k: int
-) -> list[int]:
-    """Batch-mode selection of ``k`` of the given items (indices, in the order to review):
-    class-balanced round robin over the predicted labels, and inside a class the item with the
-    largest uncertainty-weighted distance to everything chosen so far (weighted k-center), so a
-    batch does not spend fifty answers on fifty near-identical cases."""
-    n = len(priorities)
-    k = min(k, n)
-    if k == 0:
-        return []
-    u = np.asarray(priorities, dtype=float)
-    by_label: dict[str, list[int]] = {}
-    for i in np.argsort(-u, kind="stable"):
-        by_label.setdefault(labels[i], []).append(int(i))
-    rounds = sorted(by_label, key=lambda c: -u[by_label[c][0]])
-    dist = np.full(n, np.inf)
-    chosen: list[int] = []
-    taken = np.zeros(n, dtype=bool)
-    while len(chosen) < k:
-        for label in rounds:
-            pool = [i for i in by_label[label] if not taken[i]]
-            if not pool or len(chosen) >= k:
-                continue
-            cand = np.array(pool)
-            d = np.where(np.isinf(dist[cand]), 1.0, dist[cand])
-            best = int(cand[np.argmax(u[cand] * (1e-6 + d))])
-            chosen.append(best)
-            taken[best] = True
-            dist = np.minimum(dist, np.linalg.norm(vectors - vectors[best], axis=1) / math.sqrt(2))
-    return chosen
-
-
-def order(
-    session: Session, *, strategy: str, limit: int, classes: Sequence[str] | None = None
-) -> list[int]:
-    """Ids of the next ``limit`` items of work, in order: disputed and user-disputed items
-    first (they need a decision), then the open/sent items chosen by ``strategy``:
-    ``uncertainty`` = the champion's most uncertain first; ``diverse`` = the ``DIVERSE_POOL``
-    most uncertain, in class-balanced, spread-out order (``diverse_order``), then the rest by
-    uncertainty. Either order for a small ``limit`` is a prefix of the order for a larger one,
-    so paging through the queue never skips or repeats an item."""
-    check_strategy(strategy)
-    urgent = list(
-        session.scalars(
-            select(ReviewItem.id)
-            .where(ReviewItem.state.in_(QUEUE_STATES), ReviewItem.priority >= 1.0)
-            .order_by(ReviewItem.priority.desc(), ReviewItem.id)
-            .limit(limit)
-        )
-    )
-    rest = limit - len(urgent)
-    if rest <= 0:
-        return urgent
-    pool_size = rest if strategy == "uncertainty" else max(rest, DIVERSE_POOL)
-    pool = session.execute(
-        select(
-            ReviewItem.id,
-            ReviewItem.priority,
-            ReviewItem.scored_label,
-            ReviewItem.scored_topk,
-            Prediction.label,
-            Prediction.topk,
-        )
-        .outerjoin(Prediction, Prediction.id == ReviewItem.prediction_id)
-        .where(ReviewItem.state.in_(QUEUE_STATES), ReviewItem.priority < 1.0)
-        .order_by(ReviewItem.priority.desc(), ReviewItem.id)
-        .limit(pool_size)
-    ).all()
-    if strategy == "uncertainty" or len(pool) <= 1:
-        return urgent + [row[0] for row in pool[:rest]]
-    head = pool[:DIVERSE_POOL]
-    labels = [row[2] or row[4] or "" for row in head]
-    if classes is None:
-        classes = sorted({e["label"] for row in head for e in (row[3] or row[5] or [])})
-    vectors = np.stack([probability_vector(row[3] or row[5] or [], classes) for row in head])
-    picked = diverse_order([row[1] for row in head], labels, vectors, min(rest, len(head)))
-    chosen = set(picked)
-    ids = [head[i][0] for i in picked] + [
-        row[0] for i, row in enumerate(pool) if i not in chosen
-    ]  # the pool's remainder (and anything past it) by uncertainty
-    return urgent + ids[:rest]
-
-
-def queue_size(session: Session, states: Sequence[ReviewState] = QUEUE_STATES) -> int:
-    where = ReviewItem.state.in_(states)
-    return int(session.scalar(select(func.count()).select_from(ReviewItem).where(where)) or 0)

@@ -1,176 +1,92 @@
-"""The relational schema (SQLAlchemy 2.0 typed ORM). Alembic in ``db/`` owns the DDL.
+"""The tables (SQLAlchemy 2.0 typed ORM). Alembic in ``db/`` owns the DDL.
 
-Portable by construction: enums are VARCHAR + CHECK, JSON is JSON/JSONB, timestamps are stored
-as naive UTC and come back timezone-aware on both SQLite and Postgres.
+Every row of a project's work carries ``project_id``: images, predictions (feedback through its
+prediction), review items (annotations through their image), dataset snapshots (members through
+theirs), training runs, model versions, aliases and promotion events. Users, tokens and the
+audit log belong to the installation. ``DEFAULT_PROJECT_ID`` (1, named ``default``) holds an
+installation's data from before projects.
 """
 
 from __future__ import annotations
 
-import enum
-import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     BigInteger,
     Boolean,
-    DateTime,
-    Enum,
     Float,
     ForeignKey,
     Index,
     Integer,
-    MetaData,
+    PrimaryKeyConstraint,
     String,
     Text,
     UniqueConstraint,
     event,
+    text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
-NAMING = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+from quarkflow_core.schema.base import (
+    AnnotationSource,
+    Base,
+    PromotionAction,
+    ReviewReason,
+    ReviewState,
+    Role,
+    RunStatus,
+    Split,
+    TaskType,
+    Verdict,
+    enum_column,
+    new_uuid,
+    utcnow,
+)
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def new_uuid() -> str:
-    return str(uuid.uuid4())
-
-
-class UTCDateTime(TypeDecorator):
-    """Store naive UTC, return aware UTC: identical behaviour on SQLite and Postgres."""
-
-    impl = DateTime(timezone=False)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given; pass an aware (UTC) datetime")
-        return value.astimezone(UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
+DEFAULT_PROJECT_ID = 1
+DEFAULT_PROJECT = "default"
 
 
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
-        datetime: UTCDateTime(),
-        dict[str, Any]: JSONType,
-        list[Any]: JSONType,
-    }
-
-
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    return Enum(
-        cls,
-        name=name,
-        native_enum=False,
-        create_constraint=True,
-        length=32,
-        values_callable=lambda e: [m.value for m in e],
-        validate_strings=True,
+def project_fk() -> Any:
+    """The ``project_id`` column of a project's row; rows written without one (an installation
+    from before projects, a caller that names none) belong to the default project."""
+    return mapped_column(
+        ForeignKey("projects.id"), default=DEFAULT_PROJECT_ID, server_default=text("1"), index=True
     )
 
 
-def json_safe(obj: Any) -> Any:
-    """A JSON-safe copy (NaN/inf -> None; tuples -> lists; other objects -> str) that Postgres
-    JSONB accepts and that hashes the same after a database round trip."""
-    import json
-    import math
-
-    def clean(o: Any) -> Any:
-        if isinstance(o, float):
-            return o if math.isfinite(o) else None
-        if isinstance(o, dict):
-            return {str(k): clean(v) for k, v in o.items()}
-        if isinstance(o, list | tuple):
-            return [clean(v) for v in o]
-        return o
-
-    return json.loads(json.dumps(clean(obj), default=str))
+# --------------------------------------------------------------------------- projects
 
 
-def parse_enum(cls: type[enum.StrEnum], value: object, what: str):
-    """``cls(value)``, or InvalidInput naming the valid values."""
-    from quarkflow_core.errors import InvalidInput
+class Project(Base):
+    """A model line: its task type and class list, images and datasets, versions, aliases and
+    policy, review queue and Label Studio project."""
 
-    try:
-        return cls(value)
-    except ValueError:
-        valid = ", ".join(v.value for v in cls)
-        raise InvalidInput(f"unknown {what} {value!r}; valid: {valid}") from None
+    __tablename__ = "projects"
 
-
-class Role(enum.StrEnum):
-    DOMAIN_EXPERT = "domain_expert"
-    ANALYST = "analyst"
-    ML_LEAD = "ml_lead"
-    ADMIN = "admin"
-
-
-class Verdict(enum.StrEnum):
-    CORRECT = "correct"
-    WRONG = "wrong"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)  # in paths: /projects/<name>
+    title: Mapped[str | None] = mapped_column(String(128))
+    task_type: Mapped[TaskType] = mapped_column(enum_column(TaskType, "task_type"))
+    classes: Mapped[list[Any]] = mapped_column(default=list)
+    policy: Mapped[dict[str, Any]] = mapped_column(default=dict)  # PolicyConfig overrides
+    labelstudio_project_id: Mapped[int | None] = mapped_column(Integer)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class ReviewReason(enum.StrEnum):
-    LOW_CONFIDENCE = "low_confidence"
-    USER_DISPUTED = "user_disputed"
-    LABEL_NOISE = "label_noise"
-    SAMPLED = "sampled"
+class ProjectGrant(Base):
+    """A user's role in one project, in place of their installation-wide role there."""
 
+    __tablename__ = "project_grants"
+    __table_args__ = (PrimaryKeyConstraint("project_id", "user_id", name="pk_project_grants"),)
 
-class ReviewState(enum.StrEnum):
-    OPEN = "open"
-    SENT = "sent"  # pushed to Label Studio
-    DISPUTED = "disputed"  # humans and/or model disagree; needs a decision
-    RESOLVED = "resolved"
-    DISMISSED = "dismissed"
-    CLOSED = "closed"  # the serving model became confident; no person needed (``note`` says why)
-
-
-class AnnotationSource(enum.StrEnum):
-    SEED = "seed"
-    FEEDBACK = "feedback"
-    LABEL_STUDIO = "label_studio"
-
-
-class Split(enum.StrEnum):
-    TRAIN = "train"
-    VAL = "val"
-    HOLDOUT = "holdout"
-
-
-class RunStatus(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class PromotionAction(enum.StrEnum):
-    APPROVE = "approve"
-    REJECT = "reject"
-    ROLLBACK = "rollback"
-    SET_CHALLENGER = "set_challenger"
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    role: Mapped[Role] = mapped_column(enum_column(Role, "role"))
+    granted_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 # --------------------------------------------------------------------------- people
@@ -182,7 +98,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
     display_name: Mapped[str | None] = mapped_column(String(128))
-    role: Mapped[Role] = mapped_column(_enum(Role, "role"))
+    role: Mapped[Role] = mapped_column(enum_column(Role, "role"))
     password_hash: Mapped[str | None] = mapped_column(String(256))
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -209,9 +125,11 @@ class ApiToken(Base):
 
 class Image(Base):
     __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("project_id", "sha256", name="uq_images_project_sha256"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    project_id: Mapped[int] = project_fk()
+    sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(256))
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
@@ -231,6 +149,7 @@ class Prediction(Base):
 
     # Client-generated UUID: a prediction logged through the outbox keeps its id.
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    project_id: Mapped[int] = project_fk()
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     label: Mapped[str] = mapped_column(String(128))
@@ -251,7 +170,7 @@ class Feedback(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
     prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
-    verdict: Mapped[Verdict] = mapped_column(_enum(Verdict, "verdict"))
+    verdict: Mapped[Verdict] = mapped_column(enum_column(Verdict, "verdict"))
     true_label: Mapped[str | None] = mapped_column(String(128))
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -268,11 +187,12 @@ class ReviewItem(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = project_fk()
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), unique=True)
     prediction_id: Mapped[str | None] = mapped_column(ForeignKey("predictions.id"))
-    reason: Mapped[ReviewReason] = mapped_column(_enum(ReviewReason, "review_reason"))
+    reason: Mapped[ReviewReason] = mapped_column(enum_column(ReviewReason, "review_reason"))
     state: Mapped[ReviewState] = mapped_column(
-        _enum(ReviewState, "review_state"), default=ReviewState.OPEN
+        enum_column(ReviewState, "review_state"), default=ReviewState.OPEN
     )
     priority: Mapped[float] = mapped_column(Float, default=0.0)  # higher = sooner
     resolved_label: Mapped[str | None] = mapped_column(String(128))
@@ -297,7 +217,9 @@ class Annotation(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
     label: Mapped[str] = mapped_column(String(128))
-    source: Mapped[AnnotationSource] = mapped_column(_enum(AnnotationSource, "annotation_source"))
+    source: Mapped[AnnotationSource] = mapped_column(
+        enum_column(AnnotationSource, "annotation_source")
+    )
     annotator: Mapped[str | None] = mapped_column(String(128))
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     external_id: Mapped[str | None] = mapped_column(String(128))  # idempotency key
@@ -310,10 +232,14 @@ class Annotation(Base):
 
 class DatasetSnapshot(Base):
     __tablename__ = "dataset_snapshots"
+    __table_args__ = (
+        UniqueConstraint("project_id", "content_hash", name="uq_dataset_snapshots_project_hash"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = project_fk()
     name: Mapped[str] = mapped_column(String(128))
-    content_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
     classes: Mapped[list[Any]] = mapped_column(default=list)
     class_counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {split: {label: n}}
     num_items: Mapped[int] = mapped_column(Integer)
@@ -331,7 +257,7 @@ class DatasetMember(Base):
     )
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
     label: Mapped[str] = mapped_column(String(128))
-    split: Mapped[Split] = mapped_column(_enum(Split, "split"))
+    split: Mapped[Split] = mapped_column(enum_column(Split, "split"))
 
 
 class TrainingRun(Base):
@@ -339,7 +265,8 @@ class TrainingRun(Base):
     __table_args__ = (Index("ix_training_runs_created_at", "created_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"))
+    project_id: Mapped[int] = project_fk()
+    status: Mapped[RunStatus] = mapped_column(enum_column(RunStatus, "run_status"))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_snapshots.id"))
     device: Mapped[str | None] = mapped_column(String(64))
@@ -359,9 +286,13 @@ class ModelVersion(Base):
     """Immutable once inserted (enforced below); the manifest describes the artifact fully."""
 
     __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("project_id", "version", name="uq_model_versions_project_version"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[int] = mapped_column(Integer, unique=True)  # 1, 2, 3 ... as people say it
+    project_id: Mapped[int] = project_fk()
+    version: Mapped[int] = mapped_column(Integer)  # 1, 2, 3 ... as people say it, per project
     architecture: Mapped[str] = mapped_column(String(64))
     classes: Mapped[list[Any]] = mapped_column()
     artifact_key: Mapped[str] = mapped_column(String(256))
@@ -378,8 +309,12 @@ class ModelVersion(Base):
 
 class ModelAlias(Base):
     __tablename__ = "model_aliases"
+    __table_args__ = (PrimaryKeyConstraint("project_id", "alias", name="pk_model_aliases"),)
 
-    alias: Mapped[str] = mapped_column(String(32), primary_key=True)  # champion / challenger
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id"), default=DEFAULT_PROJECT_ID, server_default=text("1")
+    )
+    alias: Mapped[str] = mapped_column(String(32))  # champion / challenger
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(64))
@@ -392,7 +327,10 @@ class PromotionEvent(Base):
     __table_args__ = (Index("ix_promotion_events_created_at", "created_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    action: Mapped[PromotionAction] = mapped_column(_enum(PromotionAction, "promotion_action"))
+    project_id: Mapped[int] = project_fk()
+    action: Mapped[PromotionAction] = mapped_column(
+        enum_column(PromotionAction, "promotion_action")
+    )
     alias: Mapped[str] = mapped_column(String(32))
     from_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     to_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
@@ -429,15 +367,15 @@ class ImmutableRowError(RuntimeError):
     pass
 
 
-_APPEND_ONLY = (ModelVersion, PromotionEvent, AuditLog)
+APPEND_ONLY = (ModelVersion, PromotionEvent, AuditLog)
 
 
 @event.listens_for(Session, "before_flush")
 def _guard_append_only(session: Session, _ctx: object, _instances: object) -> None:
     """Registered versions, promotion events and audit rows never change or disappear."""
     for obj in session.dirty:
-        if isinstance(obj, _APPEND_ONLY) and session.is_modified(obj, include_collections=False):
+        if isinstance(obj, APPEND_ONLY) and session.is_modified(obj, include_collections=False):
             raise ImmutableRowError(f"{type(obj).__name__} rows are immutable")
     for obj in session.deleted:
-        if isinstance(obj, _APPEND_ONLY):
+        if isinstance(obj, APPEND_ONLY):
             raise ImmutableRowError(f"{type(obj).__name__} rows cannot be deleted")
