@@ -6,6 +6,7 @@ import streamlit as st
 
 from app import wb
 from quarkflow_core import formatting as fmt
+from quarkflow_core.database import begin_write
 from quarkflow_core.predictions import review_queue
 from quarkflow_core.queue import queue_size
 from quarkflow_core.review import dismiss_as_noise, project_classes, resolve_item
@@ -123,6 +124,7 @@ def body() -> None:
         send = c3.form_submit_button("Send to Label Studio")
     if confirm or noise:
         with wb.session() as s:
+            begin_write(s)  # SQLite: a read-then-write transaction takes the write lock first
             if confirm:
                 resolve_item(
                     session=s,
