@@ -11,14 +11,11 @@ from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers.serving import deploy, local_deploy, wait_until
+from helpers.serving import deploy, local_deploy, run_cli, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from typer.testing import CliRunner
 
-from app import cli
 from app.api import create_app
-from quarkflow_core.config import get_settings
 from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.errors import ObjectNotFound, StorageError
 from quarkflow_core.outbox import Flusher, Outbox
@@ -72,11 +69,7 @@ def test_an_outage_keeps_every_record_for_as_long_as_it_takes(tmp_path):
 
 
 def _cli(dep, monkeypatch, *args: str):
-    for key, value in dep.env().items():
-        if key.startswith("QF_"):
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    return CliRunner().invoke(cli.app, list(args))
+    return run_cli(dep, monkeypatch, *args)
 
 
 def _audit(dep, action: str) -> list[AuditLog]:

@@ -17,15 +17,12 @@ import json
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from helpers.serving import ThreadedServer, deploy, local_deploy, wait_until
+from helpers.serving import ThreadedServer, deploy, local_deploy, run_cli, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from typer.testing import CliRunner
 
-from app import cli
 from app.api import create_app
 from quarkflow_core import registry
-from quarkflow_core.config import get_settings
 from quarkflow_core.demo_data import demo_pngs
 from quarkflow_core.errors import InvalidInput, NotFound
 from quarkflow_core.projects import create_project
@@ -446,11 +443,7 @@ def test_openapi_keeps_the_default_paths_and_adds_the_project_ones(tmp_path):
 
 
 def _cli(dep, monkeypatch, *args: str):
-    for key, value in dep.env().items():
-        if key.startswith("QF_"):
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    return CliRunner().invoke(cli.app, list(args))
+    return run_cli(dep, monkeypatch, *args)
 
 
 def test_cli_projects_create_list_show_grant_revoke(dep, monkeypatch):

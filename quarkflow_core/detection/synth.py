@@ -15,6 +15,7 @@ import functools
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -344,18 +345,6 @@ def iter_digits_on_photos(
     return (_sample(_image_rng(seed, k), size, digits, digit_px, max_iou) for k in range(n))
 
 
-def digits_on_photos(
-    n: int,
-    *,
-    seed: int = 0,
-    size: int = 320,
-    digits: tuple[int, int] = (2, 6),
-    digit_px: tuple[int, int] = (12, 180),
-    max_iou: float = 0.05,
-) -> list[DetectionSample]:
-    """``iter_digits_on_photos`` as a list."""
-    return list(
-        iter_digits_on_photos(
-            n, seed=seed, size=size, digits=digits, digit_px=digit_px, max_iou=max_iou
-        )
-    )
+def digits_on_photos(n: int, **options: Any) -> list[DetectionSample]:
+    """``iter_digits_on_photos(n, **options)`` as a list."""
+    return list(iter_digits_on_photos(n, **options))

@@ -283,3 +283,18 @@ class TcpProxy:
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
+
+
+def run_cli(dep: Deployment, monkeypatch, *args: str):
+    """``quarkflow ARGS`` in-process (typer's CliRunner) against ``dep``: its QF_* settings in
+    the environment, the settings cache cleared. Returns the click Result."""
+    from typer.testing import CliRunner
+
+    from app import cli
+    from quarkflow_core.config import get_settings
+
+    for key, value in dep.env().items():
+        if key.startswith("QF_"):
+            monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    return CliRunner().invoke(cli.app, list(args))
