@@ -50,7 +50,6 @@ __all__ = [
     "grants",
     "list_projects",
     "project_dict",
-    "project_id_of",
     "revoke",
     "role_in",
 ]
@@ -92,10 +91,6 @@ def get_project(*, session: Session, ref: str | int | None = None) -> Project:
         names = ", ".join(p.name for p in list_projects(session=session)) or "none"
         raise NotFound(f"no project {ref!r}; projects: {names}")
     return row
-
-
-def project_id_of(*, session: Session, ref: str | int | None) -> int:
-    return get_project(session=session, ref=ref).id
 
 
 def list_projects(*, session: Session) -> list[Project]:

@@ -111,10 +111,6 @@ class ProjectRef:
     id: int
     name: str
 
-    @property
-    def is_default(self) -> bool:
-        return self.id == DEFAULT_PROJECT_ID
-
 
 DEFAULT_REF = ProjectRef(DEFAULT_PROJECT_ID, DEFAULT_PROJECT)
 
@@ -146,9 +142,3 @@ def current_project(request: Request, service: Service) -> ProjectRef:
 
 
 CurrentProject = Annotated[ProjectRef, Depends(current_project)]
-
-
-def flow_parameters(project: ProjectRef) -> dict[str, str]:
-    """The Prefect flows' ``project`` parameter (none for the default project: the flows'
-    default, so a default-path request starts exactly what it started before projects)."""
-    return {} if project.is_default else {"project": project.name}

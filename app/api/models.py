@@ -12,7 +12,6 @@ from app.api.deps import (
     Service,
     Who,
     db_user,
-    flow_parameters,
 )
 from app.api.schemas import ERRORS, DecisionIn, ModelRef, RetrainIn, RollbackIn
 from quarkflow_core import registry
@@ -171,7 +170,7 @@ def start_retrain(
         session=s,
         actor=who,
         api_url=settings.prefect_api_url,
-        parameters={**body.model_dump(), **flow_parameters(project)},
+        parameters=body.model_dump(),  # start_retrain names the project
         project_id=project.id,
     )
     return {"flow_run_id": run_id, "deployment": "retrain/retrain"}

@@ -14,7 +14,6 @@ from app.api.deps import (
     DbSession,
     ProjectRef,
     Service,
-    flow_parameters,
 )
 from app.api.schemas import ERRORS
 from quarkflow_core.config import Settings
@@ -84,7 +83,7 @@ def maybe_trigger_retrain(
     if not due:
         return None
     try:
-        return trigger_deployment(settings.prefect_api_url, parameters=flow_parameters(project))
+        return trigger_deployment(settings.prefect_api_url, parameters={"project": project.name})
     except QuarkflowError as exc:  # the annotation is recorded; the trigger flow retries
         log.warning("could not start retrain from the webhook: %s", exc.detail)
         return None
