@@ -25,6 +25,7 @@ from quarkflow_core.supervisor import Stopped, Supervisor, port_free
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_DIR = "artifacts/demo-smallcnn"  # under QF_DATA_DIR
+DEMO_DETECTOR_DIR = "artifacts/demo-detector"  # under QF_DATA_DIR
 DEPLOYMENTS = 5  # retrain, batch_predict, promote, labelstudio_sync, label_trigger
 NOT_YET = (httpx.HTTPError, KeyError, ValueError)  # a service still starting
 
@@ -37,6 +38,9 @@ class DemoPlan:
     prefect_port: int = 4200
     epochs: int = 15
     traffic: int = 300
+    detection: bool = True  # also the digits-on-photos detection project
+    detector_epochs: int | None = None  # None: the detector's default (CPU) recipe
+    detection_images: int = 400
     start_timeout_s: float = 300.0
 
     @property
@@ -132,6 +136,38 @@ def prepare(sup: Supervisor, settings: Settings, plan: DemoPlan, env: dict[str, 
     sup.run("champion", _cli("demo-bootstrap", str(model)), env=env)
     with session_scope(get_engine(settings.database_url)) as s:
         ensure_demo_users(session=s)
+    if plan.detection:
+        prepare_detection(sup, settings, plan, env)
+    return model
+
+
+def prepare_detection(
+    sup: Supervisor, settings: Settings, plan: DemoPlan, env: dict[str, str]
+) -> Path:
+    """The detection project (digits pasted on photos): created, seeded, a detector trained
+    once (the GPU's recipe when CUDA is present), exported and approved as its champion."""
+    from quarkflow_core.database import get_engine, session_scope
+    from quarkflow_core.detection.demo import DEMO_PROJECT, ensure_demo_project
+
+    with session_scope(get_engine(settings.database_url)) as s:
+        ensure_demo_project(session=s)
+    model = settings.data_dir / DEMO_DETECTOR_DIR
+    project = ("--project", DEMO_PROJECT)
+    sup.run(
+        "detection seed data",
+        _cli(*project, "seed-demo", "--limit", str(plan.detection_images)),
+        env=env,
+    )
+    if not (model / "manifest.json").exists():
+        epochs = () if plan.detector_epochs is None else ("--epochs", str(plan.detector_epochs))
+        sup.run(
+            "detector training",
+            _cli(*project, "train-detector", "--out", str(model), *epochs),
+            env=env,
+        )
+    if not (model / "model.onnx").exists():
+        sup.run("detector export", _cli(*project, "export", str(model)), env=env)
+    sup.run("detector champion", _cli(*project, "demo-bootstrap", str(model)), env=env)
     return model
 
 

@@ -78,10 +78,19 @@ def project_picker() -> dict[str, Any]:
     if not rows:  # a database from before projects: everything is the default project
         rows = {DEFAULT_PROJECT: {"id": DEFAULT_PROJECT_ID, "name": DEFAULT_PROJECT, "title": None}}
     asked = st.query_params.get(PROJECT_PARAM)
+    # the last run's project: a widget's state is dropped when a page switch interrupts a run
+    # before the picker was drawn again (a slow page), the session's plain copy is not
+    kept = (st.session_state.get(PROJECT_STATE) or {}).get("name")
     if asked in rows:
         st.session_state[_PICKER] = asked
     elif st.session_state.get(_PICKER) not in rows:
-        st.session_state[_PICKER] = DEFAULT_PROJECT if DEFAULT_PROJECT in rows else next(iter(rows))
+        st.session_state[_PICKER] = (
+            kept
+            if kept in rows
+            else DEFAULT_PROJECT
+            if DEFAULT_PROJECT in rows
+            else next(iter(rows))
+        )
     name = st.selectbox(
         "Project",
         list(rows),
@@ -109,6 +118,12 @@ def project() -> dict[str, Any]:
 
 def project_id() -> int:
     return int(project()["id"])
+
+
+def is_detection() -> bool:
+    """Whether the current project's models find boxes (task type "detection"): its pages
+    draw boxes and speak mAP where a classification project's show a label and accuracy."""
+    return project().get("task_type") == "detection"
 
 
 def command(args: str) -> str:
@@ -188,7 +203,14 @@ def filters(s: Session, *, key: str) -> Filters:
             classes = project_classes(session=s, project_id=pid)
         except QuarkflowError:
             classes = []
-        label = st.selectbox("Predicted class", ["all", *classes], key=f"{key}-{pid}-class")
+        label = st.selectbox(
+            "Predicted class (top box)" if is_detection() else "Predicted class",
+            ["all", *classes],
+            key=f"{key}-{pid}-class",
+            help="A detection's class is its most confident shown box's."
+            if is_detection()
+            else None,
+        )
     days = RANGES[span]
     start = datetime.now(UTC) - timedelta(days=days) if days else None
     return Filters(
@@ -257,3 +279,59 @@ def thumbnail(storage_key: str) -> str:
     ext = storage_key.rsplit(".", 1)[-1].lower() if "." in storage_key else "png"
     mime = {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp", "gif": "gif"}.get(ext, "png")
     return f"data:image/{mime};base64,{base64.b64encode(image(storage_key)).decode()}"
+
+
+# --------------------------------------------------------------------------- boxes (detection)
+
+
+@st.cache_data(max_entries=1024, show_spinner=False)
+def boxed(storage_key: str, boxes: list[dict] | None, **options: Any) -> bytes:
+    """An image from storage with ``boxes`` drawn (PNG bytes), cached on the image and the
+    boxes; ``options`` go to ``detection.draw.draw_boxes`` (colour_by, truth, only_shown...)."""
+    from quarkflow_core.detection.draw import draw_boxes, png_bytes
+
+    return png_bytes(draw_boxes(image(storage_key), boxes, **options))
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def boxed_thumbnail(storage_key: str, boxes: list[dict] | None, side: int = 96) -> str:
+    """An image with its shown boxes drawn, small, as a data URI (st.column_config.ImageColumn)."""
+    import base64
+
+    from quarkflow_core.detection.draw import draw_boxes, png_bytes
+
+    img = draw_boxes(image(storage_key), boxes, labels=False, min_side=side * 2)
+    img.thumbnail((side * 2, side * 2))
+    return f"data:image/png;base64,{base64.b64encode(png_bytes(img)).decode()}"
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def compared(
+    storage_key: str,
+    boxes_a: list[dict],
+    boxes_b: list[dict],
+    titles: tuple[str, str],
+    truth: list[dict] | None = None,
+) -> bytes:
+    """One image twice, side by side, with two versions' boxes (``draw.compare_boxes``)."""
+    from quarkflow_core.detection.draw import compare_boxes, png_bytes
+
+    return png_bytes(
+        compare_boxes(image(storage_key), boxes_a, boxes_b, titles=titles, truth=truth)
+    )
+
+
+# --------------------------------------------------------------------------- policy
+
+# Material icons (shipped with Streamlit) render where no emoji font is installed.
+CHECK_ICON = {True: ":green[:material/check_circle:]", False: ":red[:material/cancel:]"}
+INFO_ICON = ":blue[:material/info:]"  # the power statement informs; it never fails
+
+
+def policy_verdict(policy: Any) -> None:
+    """A policy verdict (``registry.PolicyVerdict``): pass / fail, then each check with its
+    reason (the power statement as information: it never fails)."""
+    (st.success if policy.passed else st.warning)(f"Policy: {policy.verdict}")
+    for check in policy.checks:
+        icon = INFO_ICON if check["name"] == "power" else CHECK_ICON[bool(check["passed"])]
+        st.markdown(f"{icon} **{fmt.words(check['name'])}**: {check['detail']}")

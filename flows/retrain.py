@@ -133,35 +133,42 @@ def judge_task(version: int, project_id: int) -> dict[str, Any]:
 
 @flow(name="retrain", log_prints=True)
 def retrain(
-    architecture: str = "smallcnn",
-    epochs: int = 15,
-    batch_size: int = 128,
-    lr: float = 3e-3,
-    augment: str = "light",
+    architecture: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    augment: str | None = None,
     seed: int = 0,
     device: str = "auto",
     kfold: int = 0,
     prune_ratio: float | None = None,
     export: str | None = "onnx",
     min_epochs: int | None = None,
+    image_size: int | None = None,
     project: str = DEFAULT_PROJECT,
 ) -> dict[str, Any]:
     """Retrain a project from seed + feedback + annotations; register the candidate as its
-    challenger."""
-    spec = core.RetrainSpec(
-        architecture=architecture,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        augment=augment,
-        seed=seed,
-        device=device,
-        kfold=kfold,
-        prune_ratio=prune_ratio,
-        export=export,
-        min_epochs=min_epochs,
-    )
+    challenger. Options left out take the project's task defaults (a classification project:
+    smallcnn, 15 epochs, batch 128, lr 3e-3, light augmentation; a detection project: its
+    default detector's recipe)."""
     pid = resolve_project(project)
+    with db() as s:
+        spec = core.retrain_spec(
+            session=s,
+            project_id=pid,
+            architecture=architecture,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            augment=augment,
+            seed=seed,
+            device=device,
+            kfold=kfold,
+            prune_ratio=prune_ratio,
+            export=export,
+            min_epochs=min_epochs,
+            image_size=image_size,
+        )
     snap = snapshot_task(pid)
     key, existing = existing_task(snap["snapshot_id"], spec, pid)
     result: dict[str, Any] = {
@@ -176,15 +183,15 @@ def retrain(
     else:
         trained = train_task(snap["snapshot_id"], spec, pid)
         candidate_dir, parent_dir = trained["artifact_dir"], None
-        if prune_ratio:
+        if spec.prune_ratio:
             pruned = prune_task(candidate_dir, snap["snapshot_id"], spec, pid)
             result["prune"] = pruned["report"]
             candidate_dir, parent_dir = pruned["artifact_dir"], candidate_dir
-        if export:
+        if spec.export:
             if parent_dir:
-                export_task(parent_dir, snap["snapshot_id"], export, pid)
+                export_task(parent_dir, snap["snapshot_id"], spec.export, pid)
             result["parity_max_abs_diff"] = export_task(
-                candidate_dir, snap["snapshot_id"], export, pid
+                candidate_dir, snap["snapshot_id"], spec.export, pid
             )
         result.update(
             reused=False,

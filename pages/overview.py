@@ -1,4 +1,6 @@
-"""Overview / monitoring: traffic, latency, live accuracy, confidence, drift, queue depth."""
+"""Overview / monitoring: traffic, latency, live accuracy, confidence, drift, queue depth. In a
+detection project "correct" accepts every shown box, a prediction's confidence is its top
+box's score, and class drift (per image here, per box in the training data) is left out."""
 
 import pandas as pd
 import plotly.express as px
@@ -7,18 +9,22 @@ import streamlit as st
 from app import wb
 from quarkflow_core import analytics
 from quarkflow_core import formatting as fmt
+from quarkflow_core.detection.seed import box_summary
 
 
-def metrics(ov: dict) -> None:
+def metrics(ov: dict, detection: bool = False) -> None:
     lat = ov["latency_ms"]
     queue = ov["review_queue"]
     cols = st.columns(7)
     cols[0].metric("Predictions", fmt.number(ov["predictions"]))
     cols[1].metric("Feedback", fmt.number(ov["feedback"]))
     cols[2].metric(
-        "Live accuracy",
+        "Accepted as is" if detection else "Live accuracy",
         fmt.percent(ov["live_accuracy"]),
-        help="Share of expert verdicts that said 'correct' in this range.",
+        help="Share of expert verdicts that accepted every shown box ('correct') in this "
+        "range; the others corrected boxes one by one."
+        if detection
+        else "Share of expert verdicts that said 'correct' in this range.",
     )
     for col, q in zip(cols[3:6], ("p50", "p95", "p99"), strict=True):
         col.metric(f"Latency {q}", fmt.ms(lat[q]), help="Model latency per image, in the API.")
@@ -108,14 +114,17 @@ def traffic(series: pd.DataFrame, bucket: str) -> None:
     right.plotly_chart(time_axis(line, series["bucket"], bucket), width="stretch")
 
 
-def live_accuracy(rows: list[dict], bucket: str) -> None:
+def live_accuracy(rows: list[dict], bucket: str, detection: bool = False) -> None:
     accs = by_time(rows)
     fig = px.line(
         accs,
         x="bucket",
         y="accuracy",
         markers=True,
-        title="Live accuracy from feedback",
+        title="Detections accepted as is (from feedback)"
+        if detection
+        else "Live accuracy from feedback",
+        labels={"accuracy": "accepted as is"} if detection else None,
         range_y=[0, 1.05],
         custom_data=["feedback"],
     )
@@ -128,7 +137,7 @@ def live_accuracy(rows: list[dict], bucket: str) -> None:
     )
 
 
-def confidence(hist: list[dict], bucket: str) -> None:
+def confidence(hist: list[dict], bucket: str, detection: bool = False) -> None:
     h = by_time(hist)
     h["bin"] += 0.05  # the bin's centre: its lower edge may fall a rounding error short
     step_ms = STEP[bucket].total_seconds() * 1000
@@ -138,8 +147,8 @@ def confidence(hist: list[dict], bucket: str) -> None:
         y="bin",
         z="count",
         histfunc="sum",
-        title="Confidence distribution over time",
-        labels={"bin": "confidence", "count": "predictions"},
+        title="Top box's score over time" if detection else "Confidence distribution over time",
+        labels={"bin": "top box's score" if detection else "confidence", "count": "predictions"},
     )
     start = h["bucket"].min() - STEP[bucket] / 2
     fig.update_traces(
@@ -195,7 +204,8 @@ def body() -> None:
         ever = ov["predictions"] or analytics.count_predictions(
             session=s, filters=analytics.Filters(), project_id=pid
         )
-    metrics(ov)
+    detection = wb.is_detection()
+    metrics(ov, detection)
     request_outcomes()
     if not ov["series"]:
         st.info(wb.no_predictions_hint(ever))
@@ -204,7 +214,7 @@ def body() -> None:
     left, right = st.columns(2)
     with left:
         if ov["accuracy_series"]:
-            live_accuracy(ov["accuracy_series"], bucket)
+            live_accuracy(ov["accuracy_series"], bucket, detection)
         else:
             st.info(
                 "No feedback in this range: live accuracy needs experts' verdicts. They give "
@@ -213,13 +223,18 @@ def body() -> None:
             )
     if hist:
         with right:
-            confidence(hist, bucket)
-    if dr["version"] is not None:
+            confidence(hist, bucket, detection)
+    if detection:
+        st.caption(
+            "Class drift is not drawn for a detection project: traffic is logged per image "
+            "(its top box's class), the training data per box, so the two do not compare."
+        )
+    elif dr["version"] is not None:
         drift(dr)
-    latest_verdicts(verdicts)
+    latest_verdicts(verdicts, detection)
 
 
-def latest_verdicts(rows: list[dict]) -> None:
+def latest_verdicts(rows: list[dict], detection: bool = False) -> None:
     st.subheader("Latest verdicts")
     if not rows:
         st.caption(
@@ -229,11 +244,24 @@ def latest_verdicts(rows: list[dict]) -> None:
         return
     lines = []
     for r in rows:
-        said = (
-            f":green[correct]: **{r['predicted']}**"
-            if r["verdict"] == "correct"
-            else f":red[wrong]: the model said **{r['predicted']}**, it is **{r['true_label']}**"
-        )
+        if detection:
+            top = (
+                f"top box **{r['predicted']}**"
+                if r["predicted"] != box_summary([])
+                else "the model showed no box"
+            )
+            said = (
+                f":green[correct]: every box accepted ({top})"
+                if r["verdict"] == "correct"
+                else f":red[wrong]: boxes corrected ({top})"
+            )
+        else:
+            said = (
+                f":green[correct]: **{r['predicted']}**"
+                if r["verdict"] == "correct"
+                else f":red[wrong]: the model said **{r['predicted']}**, "
+                f"it is **{r['true_label']}**"
+            )
         who = r["user"] or "anonymous (demo)"
         lines.append(
             f"- {said} · {fmt.version(r['model_version'])} · {who}, {fmt.relative(r['created_at'])}"

@@ -1,5 +1,7 @@
 """Predictions explorer: thumbnails with label, confidence and feedback; open one as a card
-(image, top-k, calibrated confidence, version, latency, review state, verdicts)."""
+(image, top-k, calibrated confidence, version, latency, review state, verdicts). In a
+detection project the thumbnails and the card show the image with the boxes the model showed,
+and the card draws each box in the colour of the expert's verdict on it."""
 
 import pandas as pd
 import plotly.express as px
@@ -8,6 +10,12 @@ import streamlit as st
 from app import wb
 from quarkflow_core import analytics
 from quarkflow_core import formatting as fmt
+from quarkflow_core.detection.draw import (
+    VERDICT_WORDS,
+    boxes_with_verdicts,
+    shown_summary,
+    verdict_counts,
+)
 from quarkflow_core.predictions import get_prediction, prediction_dict
 
 PER_PAGE = 24
@@ -16,6 +24,16 @@ VERDICT_ICON = {
     "correct": ":green[:material/check_circle:]",
     "wrong": ":red[:material/cancel:]",
     None: "",
+}
+# draw.VERDICT_COLOURS as Streamlit's badge colours, for the legend under a detection
+LEGEND_COLOUR = {
+    "correct": "green",
+    "wrong_label": "orange",
+    "bad_box": "orange",
+    "corrected": "blue",
+    "not_object": "red",
+    "missed": "violet",
+    "unjudged": "gray",
 }
 REVIEW_COLOR = {
     "open": "orange",
@@ -26,14 +44,23 @@ REVIEW_COLOR = {
 }
 
 
-def thumbnails(rows: list[dict]) -> None:
-    cols = st.columns(6)
+def thumbnails(rows: list[dict], boxes: dict[str, list[dict]] | None = None) -> None:
+    """Six to a row; a detection's with its shown boxes drawn (``boxes`` by prediction id)."""
     for i, r in enumerate(rows):
+        if i % 6 == 0:  # a row of its own: captions of two lines do not shift the next row
+            cols = st.columns(6)
         with cols[i % 6]:
-            st.image(wb.image(r["storage_key"]), width=96)
+            if boxes is None:
+                st.image(wb.image(r["storage_key"]), width=96)
+                said = f"**{r['label']}** {fmt.percent(r['confidence'])}"
+            else:
+                shown = boxes.get(r["id"]) or []
+                st.image(wb.boxed_thumbnail(r["storage_key"], shown, side=150), width=150)
+                said = f"**{shown_summary(shown)}**"
+                if any(b.get("shown", True) for b in shown):
+                    said += f" · top {r['label']} at {fmt.percent(r['confidence'], 0)}"
             st.caption(
-                f"`#{i + 1}` **{r['label']}** {fmt.percent(r['confidence'])} "
-                f"{VERDICT_ICON[r['verdict']]} {fmt.version(r['model_version'])}"
+                f"`#{i + 1}` {said} {VERDICT_ICON[r['verdict']]} {fmt.version(r['model_version'])}"
             )
 
 
@@ -81,7 +108,9 @@ def feedback_list(feedback: list[dict]) -> None:
     lines = []
     for f in feedback:
         said = f"{VERDICT_ICON[f['verdict']]} **{f['verdict']}**"
-        if f["verdict"] == "wrong":
+        if f["verdict"] == "wrong" and wb.is_detection():
+            pass  # what was wrong is box by box, drawn on the image
+        elif f["verdict"] == "wrong":
             said += f", true label **{f['true_label']}**" if f["true_label"] else ", no label"
         who = f["user"] or "anonymous (demo)"
         line = f"- {said} by {who}, {fmt.when(f['created_at'])}"
@@ -91,11 +120,98 @@ def feedback_list(feedback: list[dict]) -> None:
     st.markdown("\n".join(lines))
 
 
+def box_feedback(feedback: list[dict], said: list[dict]) -> None:
+    """The verdicts (who, when) and, for a detection, what each said box by box."""
+    feedback_list(feedback)
+    parts = []
+    for f in said:
+        counts = verdict_counts(f["boxes"])
+        if counts:
+            parts.append(
+                ", ".join(f"{n} {VERDICT_WORDS[v]}" for v, n in counts.items())
+                + f" ({f['verdict']}, {fmt.relative(f['created_at'])})"
+            )
+    if parts:
+        st.caption("Box by box: " + "; ".join(parts))
+
+
+def verdict_legend(drawn: list[dict]) -> str:
+    """The colours on the image, with how many boxes each: ":green-badge[2 correct] ..."."""
+    return " ".join(
+        f":{LEGEND_COLOUR[v]}-badge[{n} {VERDICT_WORDS[v]}]"
+        for v, n in verdict_counts(drawn).items()
+    )
+
+
+def detection_card(row: dict, detail: dict, feedback: list[dict]) -> None:
+    """The image with the boxes the model showed, each in the colour of the latest verdict on
+    it (grey until an expert answers), beside the facts and the box verdicts."""
+    boxes = detail.get("boxes") or []
+    judged = list(detail["feedback"])
+    latest = judged[-1] if judged else None
+    drawn = boxes_with_verdicts(
+        boxes,
+        latest.get("boxes") if latest else None,
+        verdict=latest["verdict"] if latest else None,
+    )
+    said = [
+        {**f, "boxes": boxes_with_verdicts(boxes, f.get("boxes"), verdict=f["verdict"])}
+        for f in judged
+    ]
+    with st.container(border=True):
+        pic, facts = st.columns([3, 2])
+        pic.image(
+            wb.boxed(row["storage_key"], drawn, colour_by="verdict", min_side=640, label_px=20),
+            width="stretch",
+            caption=f"{detail['width']}×{detail['height']} px · the boxes the model showed"
+            + (", in the colour of the latest verdict" if latest else " (no verdict yet)"),
+        )
+        shown = [b for b in boxes if b.get("shown", True)]
+        below = len(boxes) - len(shown)
+        big = facts.columns(2)
+        big[0].metric(
+            "Boxes shown",
+            fmt.number(len(shown)),
+            help="Scored at or over the model's threshold: what the expert saw"
+            + (f"; {below} more logged just under it" if below else ""),
+        )
+        big[1].metric(
+            "Top box",
+            f"{detail['label']} at {fmt.percent(detail['confidence'])}" if shown else "none",
+            help="The most confident shown box: the prediction's label and confidence",
+        )
+        facts.markdown(
+            "\n".join(
+                [
+                    f"- **Model** {fmt.version(detail['model_version'])}",
+                    f"- **Latency** {fmt.ms(detail['latency_ms'])}",
+                    f"- **Created** {fmt.when(detail['created_at'])}",
+                    f"- **Review** {review_state(detail['review'])}",
+                ]
+            )
+        )
+        if drawn:
+            facts.markdown(verdict_legend(drawn))
+        if below:
+            facts.caption(
+                f"{below} box(es) scored just under the threshold are logged but not drawn: "
+                "nobody saw them."
+            )
+        with facts:
+            box_feedback(feedback, said)
+        st.caption(
+            f"prediction {detail['id']} · image sha256 {fmt.short_id(detail['image_sha256'], 12)}"
+        )
+
+
 def card(row: dict, pid: int) -> None:
     with wb.session() as s:
         pred = get_prediction(session=s, prediction_id=row["id"], project_id=pid)
         detail = prediction_dict(s, pred)
         feedback = analytics.prediction_feedback(session=s, prediction_id=row["id"], project_id=pid)
+    if "boxes" in detail:
+        detection_card(row, detail, feedback)
+        return
     with st.container(border=True):
         pic, facts, chart = st.columns([1, 2, 3])
         pic.image(wb.image(row["storage_key"]), width=140)
@@ -141,15 +257,29 @@ def body() -> None:
         else:
             st.info(wb.no_predictions_hint(ever))
         return
-    thumbnails(rows)
+    boxes = None
+    if wb.is_detection():
+        with wb.session() as s:
+            boxes = {
+                r["id"]: get_prediction(session=s, prediction_id=r["id"], project_id=pid).boxes
+                for r in rows
+            }
+    thumbnails(rows, boxes)
+
+    def said(i: int) -> str:
+        if boxes is None:
+            return f"{rows[i]['label']} at {fmt.percent(rows[i]['confidence'])}"
+        return shown_summary(boxes[rows[i]["id"]])
+
     chosen = st.selectbox(
         "Open a prediction",
         range(len(rows)),
         format_func=lambda i: (
-            f"#{i + 1}: {rows[i]['label']} at {fmt.percent(rows[i]['confidence'])}, "
+            f"#{i + 1}: {said(i)}, "
             f"{fmt.version(rows[i]['model_version'])}, {fmt.relative(rows[i]['created_at'])}"
             + (f", marked {rows[i]['verdict']}" if rows[i]["verdict"] else "")
         ),
+        key="open-prediction",
     )
     card(rows[chosen], pid)
 

@@ -10,16 +10,34 @@ from quarkflow_core import registry
 from quarkflow_core.errors import QuarkflowError
 from quarkflow_core.schema import Role
 
-# Material icons (shipped with Streamlit) render where no emoji font is installed.
-CHECK_ICON = {True: ":green[:material/check_circle:]", False: ":red[:material/cancel:]"}
-INFO_ICON = ":blue[:material/info:]"  # the power statement informs; it never fails
-
 
 def next_version() -> str:
     """How to register a version, with the CLI commands for the current project."""
     return (
         f"an ML lead starts a retrain on Training runs, or run `{wb.command('train --out DIR')}`"
         f" then `{wb.command('models register DIR --challenger')}`"
+    )
+
+
+def evidence_line(comp: dict) -> str:
+    """The comparison's headline: hold-out accuracy, or a detector's mAP with its CI."""
+    a, b = f"v{comp['a']['version']}", f"v{comp['b']['version']}"
+    if comp.get("task") == "detection":
+        ci = (
+            f", {comp.get('confidence', 0.95):.0%} CI [{comp['ci_low']:+.3f}, "
+            f"{comp['ci_high']:+.3f}]"
+            if comp.get("ci_low") is not None
+            else ""
+        )
+        diff = "n/a" if comp.get("diff") is None else f"{comp['diff']:+.3f}"
+        return (
+            f"hold-out mAP {a} {fmt.number(comp['map_a'], 3)} → {b} "
+            f"{fmt.number(comp['map_b'], 3)} ({diff}{ci} on {fmt.number(comp['n_images'])} images)"
+        )
+    return (
+        f"hold-out accuracy {a} {fmt.percent(comp['accuracy_a'], 2)} → {b} "
+        f"{fmt.percent(comp['accuracy_b'], 2)} ({fmt.points(comp['accuracy_delta'], 2)} on "
+        f"{fmt.number(comp['n'])} images)"
     )
 
 
@@ -117,18 +135,11 @@ def body() -> None:
                 config=registry.PolicyConfig.for_project(session=s, project_id=pid),
                 project_id=pid,
             )
-        verdict = p.policy.verdict
-        (st.success if p.policy.passed else st.warning)(f"Policy: {verdict}")
-        for check in p.policy.checks:
-            icon = INFO_ICON if check["name"] == "power" else CHECK_ICON[bool(check["passed"])]
-            st.markdown(f"{icon} **{fmt.words(check['name'])}**: {check['detail']}")
+        wb.policy_verdict(p.policy)
         comp = p.evidence.get("comparison") or {}
         if comp:
             st.caption(
-                f"hold-out accuracy v{comp['a']['version']} {fmt.percent(comp['accuracy_a'], 2)}"
-                f" → v{comp['b']['version']} {fmt.percent(comp['accuracy_b'], 2)} "
-                f"({fmt.points(comp['accuracy_delta'], 2)} on {fmt.number(comp['n'])} images); "
-                f"evidence sha256 {fmt.short_id(p.evidence_sha256, 12)}…"
+                f"{evidence_line(comp)}; evidence sha256 {fmt.short_id(p.evidence_sha256, 12)}…"
             )
         if lead:
             with st.form("decide"):

@@ -43,9 +43,51 @@ def champion_predictor(
         raise NotFound("there is no champion model to predict with")
     key = (project_id, row.sha256)  # the same artifact may be another project's v-number
     if key not in _PREDICTORS:
+        from quarkflow_core.service.models import load_served
+
         path = registry.materialize(storage=storage, row=row, cache_root=cache_root)
-        _PREDICTORS[key] = Predictor.from_artifact(path, version=row.version)
+        _PREDICTORS[key] = load_served(path, version=row.version)
     return _PREDICTORS[key]
+
+
+def _detect_records(
+    valid: list[tuple[str, bytes, Any]],
+    images: list[Any],
+    *,
+    predictor: Any,
+    threshold: float,
+    project_id: int,
+) -> list[Record]:
+    """The logged records of a detector's boxes on decoded images (``detection.serving``)."""
+    from quarkflow_core.queue.rules import detection_score
+
+    out = []
+    for (key, data, info), image in zip(valid, images, strict=True):
+        t0 = time.perf_counter()
+        score = detection_score(
+            predictor, image, width=info.width, height=info.height, threshold=threshold
+        )
+        summary = {
+            "label": score.label,
+            "confidence": score.confidence,
+            "topk": [],
+            "margin": score.margin,
+            "entropy": score.entropy,
+            "review": score.unsure,
+            "boxes": score.boxes,
+        }
+        payload = prediction_record(
+            summary=summary,
+            info=info,
+            model_version=predictor.version,
+            latency_ms=(time.perf_counter() - t0) * 1000,
+            review_threshold=threshold,
+            request_id=key[:64],
+            source="batch",
+            project_id=project_id,
+        )
+        out.append(Record(0, PREDICTION, payload["id"], payload, data, 0))
+    return out
 
 
 def predict_keys(
@@ -74,8 +116,21 @@ def predict_keys(
                 errors.append({"key": key, "error": exc.code, "detail": exc.detail})
                 continue
             valid.append((key, data, info))
-            arrays.append(predictor.preprocess_image(image))
+            if getattr(predictor, "task", None) == "detection":
+                arrays.append(image)  # detected one by one below
+            else:
+                arrays.append(predictor.preprocess_image(image))
         if not valid:
+            continue
+        if getattr(predictor, "task", None) == "detection":
+            records += _detect_records(
+                valid,
+                arrays,
+                predictor=predictor,
+                threshold=review_threshold,
+                project_id=project_id,
+            )
+            done += [key for key, _, _ in valid]
             continue
         import numpy as np
 

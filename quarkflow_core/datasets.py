@@ -1,4 +1,6 @@
-"""Dataset snapshots: an immutable, content-hashed list of (image, label, split).
+"""Dataset snapshots: an immutable, content-hashed list of (image, label, split), and for a
+detection project (image, boxes, split): each member's ground-truth boxes (``boxes``; its
+``label`` is then empty).
 
 A snapshot belongs to a project (``project_id``, default: the default project) and lists only
 that project's images; its content hash is unique within the project. Another project's
@@ -11,6 +13,7 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -28,6 +31,7 @@ class MemberSpec:
     sha256: str
     label: str
     split: Split
+    boxes: list[dict[str, Any]] | None = None  # detection: [{"label", "box"}] in pixels
 
 
 @dataclass(frozen=True)
@@ -39,15 +43,27 @@ class SnapshotItem:
     storage_key: str
     label: str
     split: Split
+    boxes: list[dict[str, Any]] | None = None
 
 
 def snapshot_hash(members: Iterable[MemberSpec], classes: Sequence[str]) -> str:
-    """Order-independent hash of the content: same images, labels and splits -> same hash."""
+    """Order-independent hash of the content: same images, labels (boxes) and splits -> same
+    hash. A classification snapshot's hash is what it was before detection existed."""
     h = hashlib.sha256()
     h.update(json.dumps(list(classes)).encode())
-    for sha, label, split in sorted((m.sha256, m.label, m.split.value) for m in members):
-        h.update(f"{sha}\t{label}\t{split}\n".encode())
+    rows = sorted(
+        (m.sha256, m.label, m.split.value, "" if m.boxes is None else _boxes_text(m.boxes))
+        for m in members
+    )
+    for sha, label, split, boxes in rows:
+        h.update(f"{sha}\t{label}\t{split}{boxes and chr(9) + boxes}\n".encode())
     return h.hexdigest()
+
+
+def _boxes_text(boxes: Sequence[dict[str, Any]]) -> str:
+    """Canonical text of a box list: order-independent, 2 decimals."""
+    keyed = sorted((b["label"], *(round(float(v), 2) for v in b["box"])) for b in boxes)
+    return json.dumps(keyed)
 
 
 def stratified_holdout(
@@ -70,9 +86,13 @@ def stratified_holdout(
 
 
 def class_counts(members: Iterable[MemberSpec]) -> dict[str, dict[str, int]]:
+    """Per split: images per label, or for a detection snapshot boxes per label."""
     counts: dict[str, Counter] = defaultdict(Counter)
     for m in members:
-        counts[m.split.value][m.label] += 1
+        if m.boxes is None:
+            counts[m.split.value][m.label] += 1
+        else:
+            counts[m.split.value].update(b["label"] for b in m.boxes)
     return {split: dict(sorted(c.items())) for split, c in sorted(counts.items())}
 
 
@@ -90,7 +110,9 @@ def create_snapshot(
     identical content (idempotent). An image (or parent) of another project is not found."""
     if not members:
         raise InvalidInput("a dataset snapshot needs at least one member")
-    unknown = {m.label for m in members} - set(classes)
+    used = {b["label"] for m in members if m.boxes for b in m.boxes}
+    used |= {m.label for m in members if m.boxes is None}
+    unknown = used - set(classes)
     if unknown:
         raise InvalidInput(f"labels not in the class list: {sorted(unknown)}")
     seen: set[int] = set()
@@ -124,7 +146,13 @@ def create_snapshot(
     session.bulk_insert_mappings(
         DatasetMember,
         [
-            {"snapshot_id": snap.id, "image_id": m.image_id, "label": m.label, "split": m.split}
+            {
+                "snapshot_id": snap.id,
+                "image_id": m.image_id,
+                "label": m.label,
+                "split": m.split,
+                "boxes": m.boxes,
+            }
             for m in members
         ],
     )
@@ -186,6 +214,7 @@ def snapshot_items(
             Image.storage_key,
             DatasetMember.label,
             DatasetMember.split,
+            DatasetMember.boxes,
         )
         .join(Image, Image.id == DatasetMember.image_id)
         .where(DatasetMember.snapshot_id == snapshot_id)

@@ -8,6 +8,7 @@ import io
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -126,10 +127,14 @@ def ingest_seed(
     progress: Progress | None = None,
     workers: int = 8,
     project_id: int = DEFAULT_PROJECT_ID,
+    boxes: list[list[dict[str, Any]]] | None = None,
+    holdout_fraction: float = HOLDOUT_FRACTION,
 ) -> SeedReport:
     """Labelled images as the project's seed data set: blobs, image rows, seed annotations and
     the seed snapshot with a stratified hold-out. Idempotent (images are known by content hash
-    in the project; the blobs are shared)."""
+    in the project; the blobs are shared). A detection data set gives each image's ``boxes``
+    (its ``labels`` then only name the image, e.g. "3 boxes"); its hold-out is a seeded share
+    of the images."""
     check_same_classes(
         session=session, project_id=project_id, classes=classes, what=f"the {annotator} seed data"
     )
@@ -172,17 +177,25 @@ def ingest_seed(
             source=AnnotationSource.SEED,
             annotator=annotator,
             external_id=seed_external_id(annotator, sha, project_id),
+            boxes=None if boxes is None else boxes[k],
         )
-        for sha, label in zip(shas, labels, strict=True)
+        for k, (sha, label) in enumerate(zip(shas, labels, strict=True))
         if seed_external_id(annotator, sha, project_id) not in have
     ]
     session.add_all(new_annotations)
     session.flush()
 
-    holdout = stratified_holdout(labels, fraction=HOLDOUT_FRACTION, seed=SPLIT_SEED)
+    strata = labels if boxes is None else [""] * len(labels)  # detection: one stratum
+    holdout = stratified_holdout(strata, fraction=holdout_fraction, seed=SPLIT_SEED)
     members = [
-        MemberSpec(by_sha[sha].id, sha, label, Split.HOLDOUT if h else Split.TRAIN)
-        for sha, label, h in zip(shas, labels, holdout, strict=True)
+        MemberSpec(
+            by_sha[sha].id,
+            sha,
+            "" if boxes is not None else label,
+            Split.HOLDOUT if h else Split.TRAIN,
+            boxes=None if boxes is None else boxes[k],
+        )
+        for k, (sha, label, h) in enumerate(zip(shas, labels, holdout, strict=True))
     ]
     snap, snap_created = create_snapshot(
         session=session,

@@ -179,7 +179,16 @@ def build_training_snapshot(
 ) -> tuple[int, bool, dict]:
     """Snapshot of everything labelled now (idempotent: same content, same snapshot), with the
     hold-out grown by ``holdout_share`` of the new labels per class (the module docstring).
-    Returns (snapshot id, created, report)."""
+    Returns (snapshot id, created, report). A detection project's snapshot holds boxes
+    (``detection.labels.build_detection_snapshot``)."""
+    from quarkflow_core.projects import is_detection
+
+    if is_detection(session=session, project_id=project_id):
+        from quarkflow_core.detection.labels import build_detection_snapshot
+
+        return build_detection_snapshot(
+            session=session, name=name, holdout_share=holdout_share, project_id=project_id
+        )
     if not 0.0 < holdout_share <= 0.5:
         raise InvalidInput(f"holdout_share must be in (0, 0.5], got {holdout_share}")
     seed = seed_snapshot(session=session, project_id=project_id)

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import get_snapshot
+from quarkflow_core.errors import InvalidInput
 from quarkflow_core.schema import DEFAULT_PROJECT, DEFAULT_PROJECT_ID, ModelVersion, Split
 from quarkflow_core.storage import Storage
 
@@ -41,6 +42,7 @@ class RetrainSpec:
     recover_epochs: int = 2
     export: str | None = "onnx"
     min_epochs: int | None = None  # early stopping not before (default: 80% of epochs)
+    image_size: int | None = None  # None: the architecture's (preset's, detector's) own
 
     def train_config(self):
         from quarkflow_core.ml.train import TrainConfig
@@ -54,14 +56,69 @@ class RetrainSpec:
             seed=self.seed,
             device=self.device,
             min_epochs=self.min_epochs,
+            image_size=self.image_size,
+        )
+
+    def detector_config(self):
+        from quarkflow_core.detection.train import DetectorConfig
+
+        return DetectorConfig(
+            architecture=self.architecture,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            augment=self.augment,
+            seed=self.seed,
+            device=self.device,
+            min_epochs=self.min_epochs,
+            image_size=self.image_size,
         )
 
     def key(self, snapshot_hash: str) -> str:
         spec = asdict(self)
-        if spec["min_epochs"] is None:  # keys of runs from before the option stay the same
-            del spec["min_epochs"]
+        for option in ("min_epochs", "image_size"):  # keys of runs from before the options
+            if spec[option] is None:  # stay the same
+                del spec[option]
         text = json.dumps({"snapshot": snapshot_hash, "spec": spec}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def retrain_spec(
+    *, session: Session, project_id: int = DEFAULT_PROJECT_ID, **given: Any
+) -> RetrainSpec:
+    """The spec of a project's retraining: what the caller gave (``None``: not given), the
+    rest from the task's defaults. A classification project's defaults are ``RetrainSpec``'s;
+    a detection project's are its default detector's recipe (``detection.models``), without
+    flips (a mirrored digit is another glyph; ask for ``augment="flip"`` for natural objects),
+    and no pruning."""
+    from quarkflow_core.projects import is_detection
+
+    given = {k: v for k, v in given.items() if v is not None}
+    if not is_detection(session=session, project_id=project_id):
+        return RetrainSpec(**given)
+    from quarkflow_core.detection.models import detector_spec
+    from quarkflow_core.detection.train import DEFAULT_DETECTOR
+
+    recipe = detector_spec(given.get("architecture", DEFAULT_DETECTOR))
+    if given.get("prune_ratio"):
+        raise InvalidInput(
+            "pruning is not offered for detectors: channel pruning of their backbones gave no "
+            "real speed-up on CPU (see docs/detection.md); leave prune_ratio unset"
+        )
+    defaults = {
+        "architecture": recipe.name,
+        "epochs": recipe.epochs,
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
+        "augment": "none",
+    }
+    return RetrainSpec(**{**defaults, **given})
+
+
+def is_detection_spec(spec: RetrainSpec) -> bool:
+    from quarkflow_core.detection.models import list_detectors
+
+    return spec.architecture in list_detectors()
 
 
 def existing_candidate(
@@ -106,6 +163,24 @@ def train_step(
     from quarkflow_core.training_runs import headline, train_from_snapshot
 
     out = Path(out_root) / f"run-{uuid.uuid4().hex[:12]}"
+    if is_detection_spec(spec):
+        from quarkflow_core.detection.training import train_detector_from_snapshot
+
+        outcome = train_detector_from_snapshot(
+            session=session,
+            storage=storage,
+            snapshot_id=snapshot_id,
+            config=spec.detector_config(),
+            out_dir=out,
+            progress=progress,
+            project_id=project_id,
+        )
+        return {
+            "artifact_dir": str(outcome.artifact_dir),
+            "run_id": outcome.run_id,
+            "metrics": outcome.headline,
+            "device": outcome.summary.get("device"),
+        }
     outcome = train_from_snapshot(
         session=session,
         storage=storage,
@@ -171,6 +246,18 @@ def export_step(
     from quarkflow_core.ml.variants import export_artifact
     from quarkflow_core.training_runs import load_holdout
 
+    manifest = json.loads((Path(artifact_dir) / "manifest.json").read_text())
+    if manifest.get("task") == "detection":
+        from quarkflow_core.detection.training import export_detector_step
+
+        return export_detector_step(
+            session=session,
+            storage=storage,
+            artifact_dir=artifact_dir,
+            snapshot_id=snapshot_id,
+            fmt=fmt,
+            project_id=project_id,
+        )
     loaded = load_artifact(artifact_dir)
     if (Path(artifact_dir) / ("model.onnx" if fmt == "onnx" else "model.ts")).exists():
         return float(loaded.manifest["exports"][fmt]["parity_max_abs_diff"])  # a retried step
@@ -251,16 +338,26 @@ def judge(
         project_id=project_id,
     )
     comparison = proposal.evidence.get("comparison") or {}
-    return {
+    out = {
         "version": row.version,
         "sha256": row.sha256,
         "metrics": dict(row.metrics),
         "champion": proposal.champion.version if proposal.champion else None,
         "policy": proposal.policy.to_dict(),
+        "evidence_sha256": proposal.evidence_sha256,
+    }
+    if row.manifest.get("task") == "detection":
+        return {
+            **out,
+            "map_champion": comparison.get("map_a"),
+            "map_candidate": comparison.get("map_b"),
+            "map_diff_ci": [comparison["ci_low"], comparison["ci_high"]] if comparison else None,
+        }
+    return {
+        **out,
         "accuracy_champion": comparison.get("accuracy_a"),
         "accuracy_candidate": comparison.get("accuracy_b"),
         "mcnemar_p": (comparison.get("mcnemar") or {}).get("p_value"),
-        "evidence_sha256": proposal.evidence_sha256,
     }
 
 
@@ -283,11 +380,20 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"{snap.get('holdout')} hold-out ({snap.get('holdout_grown', 0)} grown from settled "
         f"labels), sources {snap.get('sources')} |",
         f"| champion | v{cand.get('champion')} |",
-        f"| hold-out accuracy (champion -> candidate) | {cand.get('accuracy_champion')} -> "
-        f"{cand.get('accuracy_candidate')} |",
-        f"| McNemar p | {cand.get('mcnemar_p')} |",
-        f"| policy | **{policy.get('verdict')}** |",
     ]
+    if "map_candidate" in cand:
+        lines += [
+            f"| hold-out mAP (champion -> candidate) | {cand.get('map_champion')} -> "
+            f"{cand.get('map_candidate')} |",
+            f"| mAP difference, 95% bootstrap CI | {cand.get('map_diff_ci')} |",
+        ]
+    else:
+        lines += [
+            f"| hold-out accuracy (champion -> candidate) | {cand.get('accuracy_champion')} -> "
+            f"{cand.get('accuracy_candidate')} |",
+            f"| McNemar p | {cand.get('mcnemar_p')} |",
+        ]
+    lines += [f"| policy | **{policy.get('verdict')}** |"]
     lines += [
         f"| {c['name']} | {'pass' if c['passed'] else 'FAIL'}: {c['detail']} |"
         for c in policy.get("checks", [])

@@ -59,13 +59,14 @@ def prediction_record(
         "entropy": summary["entropy"],
         "model_version": model_version,
         "latency_ms": round(latency_ms, 3),
-        "review": summary["confidence"] < review_threshold,
+        "review": summary.get("review", summary["confidence"] < review_threshold),
         "review_threshold": round(review_threshold, 6),
         "request_id": request_id,
         "user_id": user_id,
         "source": source,
         "created_at": datetime.now(UTC).isoformat(),
         "image": asdict(info),
+        **({"boxes": summary["boxes"]} if summary.get("boxes") is not None else {}),
     }
 
 
@@ -112,7 +113,11 @@ def feedback_record(
 def public_view(record: dict[str, Any]) -> dict[str, Any]:
     """What a caller is told about a prediction it just made."""
     keys = ("id", "label", "confidence", "topk", "model_version", "latency_ms", "review")
-    return {**{k: record[k] for k in keys}, "image_sha256": record["image"]["sha256"]}
+    out = {**{k: record[k] for k in keys}, "image_sha256": record["image"]["sha256"]}
+    if "boxes" in record:
+        out["boxes"] = record["boxes"]
+        out["width"], out["height"] = record["image"]["width"], record["image"]["height"]
+    return out
 
 
 def parse_verdict(value: str) -> Verdict:
@@ -150,6 +155,7 @@ def _apply_prediction(
             label=p["label"],
             confidence=p["confidence"],
             topk=p["topk"],
+            boxes=p.get("boxes"),
             latency_ms=p["latency_ms"],
             request_id=p.get("request_id"),
             user_id=p.get("user_id"),
@@ -166,6 +172,7 @@ def _apply_prediction(
         entropy=p["entropy"],
         unsure=bool(p.get("review")),
         threshold=p.get("review_threshold"),
+        boxes=p.get("boxes"),
     )
     queue.observe(
         session, image_id=image.id, prediction_id=p["id"], score=score, project_id=project_id
@@ -192,6 +199,7 @@ def _apply_feedback(session: Session, record: Record) -> None:
             verdict=verdict,
             true_label=f.get("true_label"),
             comment=f.get("comment"),
+            boxes=f.get("boxes"),
             created_at=datetime.fromisoformat(f["created_at"]),
         )
     )
@@ -244,6 +252,11 @@ def prediction_dict(session: Session, pred: Prediction) -> dict[str, Any]:
         "latency_ms": pred.latency_ms,
         "created_at": pred.created_at.isoformat(),
         "image_sha256": pred.image.sha256,
+        **(
+            {"boxes": pred.boxes, "width": pred.image.width, "height": pred.image.height}
+            if pred.boxes is not None
+            else {}
+        ),
         "logged": True,
         "feedback": [
             {
@@ -251,6 +264,7 @@ def prediction_dict(session: Session, pred: Prediction) -> dict[str, Any]:
                 "verdict": f.verdict.value,
                 "true_label": f.true_label,
                 "comment": f.comment,
+                **({"boxes": f.boxes} if f.boxes is not None else {}),
                 "created_at": f.created_at.isoformat(),
             }
             for f in feedback
@@ -268,6 +282,11 @@ def pending_dict(p: dict[str, Any]) -> dict[str, Any]:
         "latency_ms": p["latency_ms"],
         "created_at": p["created_at"],
         "image_sha256": p["image"]["sha256"],
+        **(
+            {"boxes": p["boxes"], "width": p["image"]["width"], "height": p["image"]["height"]}
+            if "boxes" in p
+            else {}
+        ),
         "logged": False,  # acknowledged, still in the outbox
         "feedback": [],
         "review": {"state": "pending", "reason": "low_confidence"} if p["review"] else None,
@@ -351,6 +370,18 @@ def review_queue(
             "resolved_label": item.resolved_label,
             "created_at": item.created_at.isoformat(),
             "expert_label": None,
+            **(
+                {
+                    "boxes": item.scored_boxes
+                    if item.scored_boxes is not None
+                    else (pred.boxes if pred else None),
+                    "resolved_boxes": item.resolved_boxes,
+                    "width": image.width,
+                    "height": image.height,
+                }
+                if item.scored_boxes is not None or (pred is not None and pred.boxes is not None)
+                else {}
+            ),
         }
         for item, image, pred in rows
     ]

@@ -126,6 +126,12 @@ def create_project(
     return row
 
 
+def is_detection(*, session: Session, project_id: int) -> bool:
+    """Whether the project's models find boxes (task type ``detection``)."""
+    row = session.get(Project, project_id)
+    return row is not None and row.task_type == TaskType.DETECTION
+
+
 def check_same_classes(*, session: Session, project_id: int, classes: list[str], what: str) -> None:
     """Refuse ``what`` (a model version, a seed data set) whose class list is not the project's:
     a project's predictions, verdicts and labels all speak its classes. A project with no

@@ -84,6 +84,10 @@ def gcs_image_url(storage_url: str, image: Image) -> str:
 # --------------------------------------------------------------------------- push
 
 
+def _scored(boxes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: b[k] for k in ("label", "box", "score") if k in b} for b in boxes]
+
+
 def push_review_items(
     *,
     session: Session,
@@ -127,6 +131,10 @@ def push_review_items(
                     predicted_label=pred.label if pred else None,
                     score=pred.confidence if pred else None,
                     model_version=f"v{version.version}" if version else None,
+                    # a detection: one pre-annotation with every box the model logged
+                    boxes=_scored(pred.boxes) if pred and pred.boxes is not None else None,
+                    width=image.width,
+                    height=image.height,
                 ),
             )
             pushed += 1
@@ -173,11 +181,12 @@ def record_annotations(
                     annotator=p.annotator,
                     external_id=p.external_id,
                     external_task_id=str(p.task_id),
+                    boxes=p.boxes,
                 )
             )
             created += 1
-        elif row.label != p.label:  # the annotator changed their answer
-            row.label = p.label
+        elif row.label != p.label or row.boxes != p.boxes:  # the annotator changed their answer
+            row.label, row.boxes = p.label, p.boxes
             updated += 1
         else:
             continue
@@ -374,7 +383,9 @@ def sync_from_settings(
     row = get_project(session=session, ref=project_id)
     studio = studio_from_settings(settings)
     classes = project_classes(session=session, project_id=project_id)
-    project = studio.ensure_project(ls_title(settings, row), classes)
+    project = studio.ensure_project(
+        ls_title(settings, row), classes, task_type=row.task_type.value
+    )
     if row.labelstudio_project_id != project.id:
         row.labelstudio_project_id = project.id  # committed with the sync, by design
         session.flush()

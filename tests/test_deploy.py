@@ -304,8 +304,9 @@ def test_runtime_requirements_are_closed_and_cover_every_import():
         f"imported but not in requirements.txt: {imported - runtime.keys()}"
     )
     # needed without an import statement: the server, the Postgres drivers, form uploads, the
-    # Kubernetes worker type, torch.onnx's exporter
+    # Kubernetes worker type, torch.onnx's exporter, torchmetrics' mAP backend
     imported |= {
+        "faster-coco-eval",
         "uvicorn",
         "psycopg2-binary",
         "asyncpg",

@@ -43,12 +43,21 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.database import make_engine
 from quarkflow_core.demo_data import DEMO_LEAD_PASSWORD, mnist_arrays, pending_traffic
-from quarkflow_core.schema import Feedback, Image, ModelVersion, Prediction, ReviewItem, User
+from quarkflow_core.schema import (
+    DEFAULT_PROJECT_ID,
+    Feedback,
+    Image,
+    ModelVersion,
+    Prediction,
+    ReviewItem,
+    User,
+)
 from quarkflow_core.supervisor import port_free
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 TRAFFIC = 200
+DETECTION_IMAGES = 60  # the detection project's seed (45 train + 15 hold-out), trained briefly
 
 
 @pytest.fixture
@@ -95,7 +104,8 @@ def running(demo: dict, name: str) -> Iterator[Path]:
                 "--no-print-directory",
                 "demo",
                 *(f"{k}={v}" for k, v in demo["ports"].items()),
-                f"DEMO_ARGS=--epochs 2 --traffic {TRAFFIC}",
+                f"DEMO_ARGS=--epochs 2 --traffic {TRAFFIC} --detector-epochs 2 "
+                f"--detection-images {DETECTION_IMAGES}",
             ],
             cwd=ROOT,
             env=env,
@@ -253,7 +263,12 @@ def _journey(demo: dict, engine) -> None:
         lead.get_by_text("retrain started on the worker").wait_for(timeout=60_000)
         _shot(lead, shots, "journey-lead-retrain")
 
-        versions = _poll(engine, select(func.count(ModelVersion.id)))
+        versions = _poll(
+            engine,
+            select(func.count(ModelVersion.id)).where(
+                ModelVersion.project_id == DEFAULT_PROJECT_ID
+            ),
+        )
         wait_until(lambda: versions() >= 2, timeout=600, every=2, what="the retrain to register v2")
         open_page(lead, "Training runs", "Training runs")
         _shot(lead, shots, "journey-lead-training")

@@ -1,4 +1,5 @@
-"""Feedback on a prediction: correct, or wrong (optionally with the true label). Project-scoped."""
+"""Feedback on a prediction: correct, or wrong (optionally with the true label; a detection's
+per-box verdicts and missed boxes). Project-scoped."""
 
 from fastapi import APIRouter
 
@@ -22,8 +23,9 @@ def feedback(
     project: CurrentProject,
     service: Service,
 ) -> dict:
-    """Say the prediction was correct, or wrong (optionally with the true label).
-    Acknowledged only once durable."""
+    """Say the prediction was correct, or wrong (optionally with the true label; for a
+    detection, a verdict per box and the boxes of missed objects). Acknowledged only once
+    durable."""
     return service.feedback(
         prediction_id,
         verdict=body.verdict,
@@ -31,4 +33,6 @@ def feedback(
         comment=body.comment,
         principal=who,
         project_id=project.id,
+        boxes=None if body.boxes is None else [b.model_dump(exclude_none=True) for b in body.boxes],
+        missed=None if body.missed is None else [m.model_dump() for m in body.missed],
     )

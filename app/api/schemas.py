@@ -37,15 +37,30 @@ class TopK(BaseModel):
     confidence: float
 
 
+class BoxOut(BaseModel):
+    label: str
+    score: float = Field(description="The detector's score for this box, 0..1.")
+    box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the uploaded image.")
+    shown: bool = Field(description="Score at or over the model's threshold (what people see).")
+
+
 class PredictionOut(BaseModel):
     id: str = Field(description="Prediction id (use it for feedback).")
-    label: str
-    confidence: float = Field(description="Calibrated probability of the label.")
+    label: str = Field(description="The class; for a detection, the top shown box's label.")
+    confidence: float = Field(
+        description="Calibrated probability of the label (detection: the top box's score)."
+    )
     topk: list[TopK]
     model_version: int | None
     latency_ms: float = Field(description="Server-side time for this image.")
     review: bool = Field(description="True when it went to the review queue.")
     image_sha256: str
+    boxes: list[BoxOut] | None = Field(
+        None, description="Detection projects: the boxes found (shown ones first by score)."
+    )
+    width: int | None = Field(None, description="Detection: the image's width in pixels.")
+    height: int | None = Field(None, description="Detection: the image's height in pixels.")
+    threshold: float | None = Field(None, description="Detection: the model's score threshold.")
 
 
 class BatchOut(BaseModel):
@@ -55,10 +70,28 @@ class BatchOut(BaseModel):
 # --------------------------------------------------------------------------- feedback
 
 
+class BoxVerdictIn(BaseModel):
+    index: int = Field(description="The box's index in the prediction's boxes.")
+    verdict: str = Field(description="correct | wrong_label | bad_box | not_object")
+    label: Text | None = Field(None, max_length=128, description="wrong_label: the right label")
+    box: list[float] | None = Field(None, description="bad_box: the corrected [x1, y1, x2, y2]")
+
+
+class MissedBoxIn(BaseModel):
+    label: Text = Field(max_length=128)
+    box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the image")
+
+
 class FeedbackIn(BaseModel):
     verdict: str = Field(description="correct | wrong", examples=["wrong"])
     true_label: Text | None = Field(None, max_length=128, examples=["7"])
     comment: Text | None = Field(None, max_length=2000)
+    boxes: list[BoxVerdictIn] | None = Field(
+        None, max_length=300, description="Detection: a verdict per shown box (unlisted: correct)."
+    )
+    missed: list[MissedBoxIn] | None = Field(
+        None, max_length=100, description="Detection: boxes drawn around objects the model missed."
+    )
 
 
 class FeedbackOut(BaseModel):
@@ -66,6 +99,7 @@ class FeedbackOut(BaseModel):
     prediction_id: str
     verdict: str
     true_label: str | None
+    boxes: list[dict[str, Any]] | None = None
     durable: bool
 
 
@@ -90,8 +124,12 @@ class RollbackIn(BaseModel):
 
 
 class RetrainIn(BaseModel):
-    epochs: int = Field(15, ge=1, le=500)
-    architecture: str = Field("smallcnn", max_length=64)
+    epochs: int | None = Field(
+        None, ge=1, le=500, description="Default: the project's task default (15 classifying)."
+    )
+    architecture: str | None = Field(
+        None, max_length=64, description="Default: smallcnn, or a detection project's detector."
+    )
     kfold: int = Field(0, ge=0, le=20)
     prune_ratio: float | None = Field(None, gt=0.0, lt=1.0)
 

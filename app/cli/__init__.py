@@ -39,6 +39,7 @@ COMMANDS = (
     ("init", db.init),
     ("seed-demo", data.seed_demo),
     ("train", ml.train),
+    ("train-detector", ml.train_detector),
     ("models-zoo", ml.models_zoo),
     ("evaluate", ml.evaluate),
     ("compare", ml.compare_cmd),

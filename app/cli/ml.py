@@ -130,14 +130,103 @@ def train(
     )
 
 
+def train_detector(
+    architecture: str | None = typer.Option(
+        None, "--arch", help="See `quarkflow models-zoo` (default: the CPU-friendly detector)."
+    ),
+    epochs: int | None = typer.Option(None, help="Maximum epochs (default: the detector's)."),
+    batch_size: int | None = typer.Option(None, help="Default: the detector's."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default: the detector's)."),
+    augment: str = typer.Option("none", help="none | flip (natural objects; not digits)"),
+    image_size: int | None = typer.Option(None, help="Side images are resized to."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (AMP on CUDA)"),
+    snapshot: int | None = typer.Option(None, help="Dataset snapshot id (default: newest)."),
+    out: Path | None = typer.Option(None, help="Artifact folder (default under QF_DATA_DIR)."),
+) -> None:
+    """Train a detector on a detection project's snapshot: threshold chosen on validation,
+    mAP on the fixed hold-out, a verified artifact."""
+    from quarkflow_core.detection.train import DEFAULT_DETECTOR, DetectorConfig
+    from quarkflow_core.detection.training import train_detector_from_snapshot
+    from quarkflow_core.errors import InvalidInput
+    from quarkflow_core.projects import is_detection
+    from quarkflow_core.storage import get_storage
+    from quarkflow_core.training_runs import default_snapshot_id
+
+    config = DetectorConfig(
+        architecture=architecture or DEFAULT_DETECTOR,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        augment=augment,
+        image_size=image_size,
+        seed=seed,
+        device=device,
+    )
+    config.validate()
+    total = config.resolved().epochs
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = out or _settings().data_dir / "artifacts" / f"{stamp}-{config.architecture}"
+    with _session() as session, _progress() as bar:
+        pid = project_id(session)
+        if not is_detection(session=session, project_id=pid):
+            raise InvalidInput(
+                f"project {project_name()!r} is not a detection project; use `quarkflow train`"
+            )
+        snap_id = snapshot or default_snapshot_id(session=session, project_id=pid)
+        task = bar.add_task(f"training {config.architecture}", total=total)
+
+        def on_progress(ev) -> None:
+            if ev.stage == "batch":
+                bar.update(
+                    task,
+                    completed=ev.epoch - 1 + ev.step / max(ev.steps, 1),
+                    description=f"epoch {ev.epoch}/{ev.epochs} loss {ev.train_loss:.3f}",
+                )
+            elif ev.stage == "epoch":
+                bar.update(task, completed=ev.epoch)
+                val = getattr(ev, "val_map", None)
+                shown = f"  val mAP@0.5 {val:.4f}" if val is not None else ""
+                bar.console.print(f"epoch {ev.epoch:>2}: train loss {ev.train_loss:.4f}{shown}")
+            elif ev.stage == "done":
+                bar.update(task, completed=total, description=f"trained ({ev.message})")
+
+        outcome = train_detector_from_snapshot(
+            session=session,
+            storage=get_storage(),
+            snapshot_id=snap_id,
+            config=config,
+            out_dir=out,
+            progress=on_progress,
+            project_id=pid,
+        )
+    _print_kv(
+        f"training run #{outcome.run_id} (snapshot {snap_id})",
+        {
+            **{k: v for k, v in outcome.headline.items() if k != "task"},
+            "device": outcome.summary.get("device"),
+            "epochs_run": outcome.summary.get("epochs_run"),
+            "train_seconds": outcome.summary.get("train_seconds"),
+            "images_per_second": outcome.summary.get("images_per_second"),
+        },
+    )
+    console.print(
+        f"artifact: {outcome.artifact_dir}  (manifest sha256 {outcome.manifest_sha256[:12]}…)"
+    )
+
+
 def models_zoo() -> None:
     """List the architectures `train --arch` accepts."""
+    from quarkflow_core.detection.models import detector_spec, list_detectors
     from quarkflow_core.ml.models import list_models, model_spec
 
-    table = Table("name", "default preset", "description")
+    table = Table("name", "task", "default preset", "description")
     for name in list_models():
         spec = model_spec(name)
-        table.add_row(name, spec.default_preset, spec.description)
+        table.add_row(name, "classification", spec.default_preset, spec.description)
+    for name in list_detectors():
+        det = detector_spec(name)
+        table.add_row(name, "detection", f"{det.image_size} px", det.description)
     console.print(table)
 
 
@@ -276,10 +365,30 @@ def export_cmd(
     fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript | all"),
     snapshot: int | None = typer.Option(None, help="Snapshot whose images check parity."),
 ) -> None:
-    """Export to ONNX / TorchScript inside the artifact, with a parity check on real images."""
+    """Export to ONNX / TorchScript inside the artifact, with a parity check on real images
+    (a detector: ONNX, checked on hold-out images of the project's snapshot)."""
+    import json
+
     from quarkflow_core.ml.artifacts import load_artifact
     from quarkflow_core.ml.variants import export_artifact
 
+    if json.loads((artifact / "manifest.json").read_text()).get("task") == "detection":
+        from quarkflow_core.detection.training import export_detector_step
+        from quarkflow_core.storage import get_storage
+        from quarkflow_core.training_runs import default_snapshot_id
+
+        with _session() as session:
+            pid = project_id(session)
+            diff = export_detector_step(
+                session=session,
+                storage=get_storage(),
+                artifact_dir=str(artifact),
+                snapshot_id=snapshot or default_snapshot_id(session=session, project_id=pid),
+                fmt="onnx" if fmt == "all" else fmt,
+                project_id=pid,
+            )
+        console.print(f"onnx: parity ok (max |Δ| = {diff:.2e} on hold-out images)")
+        return
     loaded = load_artifact(artifact)
     with _session() as session:
         _, holdout = _holdout(session, snapshot, loaded.preset)
@@ -290,14 +399,22 @@ def export_cmd(
 
 
 def retrain_cmd(
-    epochs: int = typer.Option(15, help="Maximum epochs (early stopping may end sooner)."),
+    epochs: int | None = typer.Option(
+        None, help="Maximum epochs (early stopping may end sooner); default 15, or the detector's."
+    ),
     min_epochs: int | None = typer.Option(
         None, help="No early stop before this epoch (default: 80% of --epochs)."
     ),
-    architecture: str = typer.Option("smallcnn", "--arch", help="See `quarkflow models-zoo`."),
-    batch_size: int = typer.Option(128),
-    lr: float = typer.Option(3e-3, help="Peak learning rate (one-cycle schedule)."),
-    augment: str = typer.Option("light", help="none | light | photo"),
+    architecture: str | None = typer.Option(
+        None, "--arch", help="See `quarkflow models-zoo`; default smallcnn, or the detector's."
+    ),
+    batch_size: int | None = typer.Option(None, help="Default 128, or the detector's."),
+    lr: float | None = typer.Option(
+        None, help="Peak learning rate (one-cycle schedule); default 3e-3, or the detector's."
+    ),
+    augment: str | None = typer.Option(
+        None, help="none | light | photo (classification; default light), none | flip (detection)"
+    ),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     kfold: int = typer.Option(0, help="Also run stratified k-fold CV on the train split."),
@@ -310,7 +427,7 @@ def retrain_cmd(
     """Run the retrain flow now (or trigger its deployment): snapshot, train, register."""
     import json
 
-    from quarkflow_core.pipeline import RetrainSpec
+    from quarkflow_core.pipeline import is_detection_spec, retrain_spec
 
     params = {
         "epochs": epochs,
@@ -324,7 +441,10 @@ def retrain_cmd(
         "kfold": kfold,
         "prune_ratio": prune_ratio,
     }
-    RetrainSpec(**params).train_config().validate()  # a bad option fails here, not on the worker
+    with _session() as session:  # a bad option fails here, not on the worker
+        spec = retrain_spec(session=session, project_id=project_id(session), **params)
+    (spec.detector_config() if is_detection_spec(spec) else spec.train_config()).validate()
+    params = {k: v for k, v in params.items() if v is not None}  # the flow fills the defaults
     params["project"] = project_name()  # the flow resolves it (NotFound names the projects)
     if deployment:
         from quarkflow_core.orchestration import start_retrain

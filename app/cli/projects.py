@@ -79,7 +79,7 @@ def projects_show(
 def projects_create(
     name: str = typer.Argument(..., help="1 to 30 of a-z, 0-9 and '-', not digits alone."),
     classes: str = typer.Option(..., help="Comma-separated class labels (at least two)."),
-    task_type: str = typer.Option("classification", help="classification"),
+    task_type: str = typer.Option("classification", help="classification | detection"),
     title: str | None = typer.Option(None, help="A readable title."),
 ) -> None:
     """Create an empty project (no images, versions or champion yet); audited."""

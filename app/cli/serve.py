@@ -61,6 +61,15 @@ def demo(
     prefect_port: int = typer.Option(4200, help="Local Prefect server (the worker's)."),
     epochs: int = typer.Option(15, help="Epochs for the first demo model (trained once)."),
     traffic: int = typer.Option(300, help="Unseen digits sent through the API on first start."),
+    detection: bool = typer.Option(
+        True, help="Also the digits-on-photos detection project (a detector trained once)."
+    ),
+    detector_epochs: int | None = typer.Option(
+        None, help="Epochs for the demo detector (default: its recipe's)."
+    ),
+    detection_images: int = typer.Option(
+        400, help="Seed images of the detection project (25% held out)."
+    ),
 ) -> None:
     """The whole product on this machine: prepare the demo, start the API + demo, the
     workbench and the worker, wired together. Ctrl-C (or SIGTERM) stops all of them."""
@@ -73,6 +82,9 @@ def demo(
         prefect_port=prefect_port,
         epochs=epochs,
         traffic=traffic,
+        detection=detection,
+        detector_epochs=detector_epochs,
+        detection_images=detection_images,
     )
     raise typer.Exit(run_demo(_settings(), plan, out=lambda line: console.print(line)))
 

@@ -103,6 +103,7 @@ class ProgressEvent:
     val_accuracy: float | None = None
     elapsed_s: float = 0.0
     message: str = ""
+    val_map: float | None = None  # detection: validation mAP@0.5
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS known_predictions (
 _ADDED = {
     "outbox": {"not_before": "REAL"},
     "dead_letter": {"attempts": "INTEGER"},
-    "known_predictions": {"project_id": "INTEGER"},
+    "known_predictions": {"project_id": "INTEGER", "boxes": "TEXT"},
 }
 
 
@@ -114,9 +114,9 @@ class Outbox:
     def append(
         self, kind: str, key: str, payload: dict[str, Any], blob: bytes | None = None
     ) -> int:
-        """Durably record; returns once committed. A prediction's id, label and project are also
-        kept in ``known_predictions``, so feedback on it can be checked while the database is
-        down."""
+        """Durably record; returns once committed. A prediction's id, label and project (and a
+        detection's boxes) are also kept in ``known_predictions``, so feedback on it can be
+        checked while the database is down."""
         now = time.time()
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -129,12 +129,13 @@ class Outbox:
                 if kind == "prediction" and "label" in payload:
                     self._conn.execute(
                         "INSERT OR IGNORE INTO known_predictions "
-                        "(id, label, created_at, project_id) VALUES (?, ?, ?, ?)",
+                        "(id, label, created_at, project_id, boxes) VALUES (?, ?, ?, ?, ?)",
                         (
                             key,
                             str(payload["label"]),
                             now,
                             int(payload.get("project_id", DEFAULT_PROJECT_ID)),
+                            None if payload.get("boxes") is None else json.dumps(payload["boxes"]),
                         ),
                     )
                 self._conn.execute("COMMIT")
@@ -155,6 +156,17 @@ class Outbox:
                 (prediction_id, DEFAULT_PROJECT_ID, project_id),
             ).fetchone()
         return None if row is None else row[0]
+
+    def known_boxes(
+        self, prediction_id: str, *, project_id: int = DEFAULT_PROJECT_ID
+    ) -> list[dict[str, Any]] | None:
+        """The boxes of a project's detection this outbox acknowledged, else None."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT boxes FROM known_predictions WHERE id = ? AND COALESCE(project_id, ?) = ?",
+                (prediction_id, DEFAULT_PROJECT_ID, project_id),
+            ).fetchone()
+        return None if row is None or row[0] is None else json.loads(row[0])
 
     def peek(self, limit: int = 200) -> list[Record]:
         """The oldest records that are due (a record fault's pause has passed)."""

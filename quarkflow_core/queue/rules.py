@@ -62,6 +62,7 @@ class Score:
     entropy: float
     unsure: bool  # below the review threshold
     threshold: float | None = None
+    boxes: list[dict[str, Any]] | None = None  # detection: what the model found
 
     @classmethod
     def of(cls, summary: dict[str, Any], *, version: int | None, threshold: float) -> Score:
@@ -77,6 +78,7 @@ class Score:
 def _apply_score(item: ReviewItem, score: Score, *, prediction_id: str | None) -> None:
     item.scored_version, item.scored_label = score.version, score.label
     item.scored_confidence, item.scored_topk = score.confidence, score.topk
+    item.scored_boxes = score.boxes
     if prediction_id is not None:
         item.prediction_id = prediction_id
     disputed = item.reason == ReviewReason.USER_DISPUTED or item.state == ReviewState.DISPUTED
@@ -133,7 +135,16 @@ def settle(
     prediction_id: str | None = None,
     project_id: int = DEFAULT_PROJECT_ID,
 ) -> ReviewState:
-    """Settle one of the project's images from what people said about it (module docstring)."""
+    """Settle one of the project's images from what people said about it (module docstring);
+    a detection project's from the boxes they gave (``detection.labels.settle_boxes``)."""
+    from quarkflow_core.projects import is_detection
+
+    if is_detection(session=session, project_id=project_id):
+        from quarkflow_core.detection.labels import settle_boxes
+
+        return settle_boxes(
+            session, image_id=image_id, prediction_id=prediction_id, project_id=project_id
+        )
     votes = Counter(
         session.scalars(
             select(Annotation.label).where(
@@ -214,6 +225,25 @@ def stale_items(
     return list(session.scalars(query.limit(limit) if limit else query))
 
 
+def detection_score(
+    predictor: Any, image: Any, *, width: int, height: int, threshold: float
+) -> Score:
+    """What a detector says about a decoded image, as the queue scores it."""
+    from quarkflow_core.detection.serving import model_input, summarize_boxes, to_original
+
+    array, scale = model_input(image)
+    found = to_original(predictor.predict_array(array), scale=scale, width=width, height=height)
+    s = summarize_boxes(found, threshold=threshold)
+    keys = ("label", "confidence", "topk", "margin", "entropy")
+    return Score(
+        version=predictor.version,
+        threshold=threshold,
+        unsure=s["review"],
+        boxes=s["boxes"],
+        **{k: s[k] for k in keys},
+    )
+
+
 def rescore(
     session: Session,
     *,
@@ -244,15 +274,20 @@ def rescore(
         ).all()
         session.commit()
         arrays, live = [], []
+        scores = {}
         for item_id, key in keys:
             try:
-                _, decoded = validate_upload(storage.get(key))
+                info, decoded = validate_upload(storage.get(key))
             except Exception:  # a blob that is gone or unreadable: leave the item as it is
                 counts["unreadable"] += 1
                 continue
+            if getattr(predictor, "task", None) == "detection":
+                scores[item_id] = detection_score(
+                    predictor, decoded, width=info.width, height=info.height, threshold=threshold
+                )
+                continue
             arrays.append(predictor.preprocess_image(decoded))
             live.append(item_id)
-        scores = {}
         if live:
             probs = predictor.probabilities(np.stack(arrays))
             scores = {

@@ -48,6 +48,8 @@ class PolicyConfig:
     max_class_recall_drop: float = 0.03
     max_ece_increase: float = 0.02
     alpha: float = 0.05
+    map_margin: float = 0.01  # detection: non-inferiority margin of the mAP difference
+    max_class_ap_drop: float = 0.10  # detection: a class's AP drop the policy flags
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> PolicyConfig:
@@ -175,6 +177,10 @@ def evaluate_policy(report: dict[str, Any] | None, config: PolicyConfig) -> Poli
 
     if report is None:
         return PolicyVerdict(True, "no_champion", ["no champion yet: nothing to compare against"])
+    if report.get("task") == "detection":
+        from quarkflow_core.detection.registry import detection_policy
+
+        return detection_policy(report, config)
     checks = []
     ok, why = _accuracy_check(report, config)
     checks.append({"name": "accuracy", "passed": ok, "detail": why})
@@ -230,6 +236,12 @@ def compare_versions(
 
     in_project(a, project_id)
     in_project(b, project_id)
+    from quarkflow_core.detection.registry import REPORT_FORMAT as DETECTION_FORMAT
+    from quarkflow_core.detection.registry import compare_detector_versions, is_detector
+
+    detectors = is_detector(a), is_detector(b)
+    if detectors[0] != detectors[1]:
+        raise InvalidInput(f"v{a.version} and v{b.version} are not both detectors")
     if list(a.classes) != list(b.classes):
         raise InvalidInput(
             f"v{a.version} and v{b.version} predict different class lists; they cannot be compared"
@@ -237,12 +249,28 @@ def compare_versions(
     snap_id = snapshot_id or default_snapshot_id(session=session, project_id=project_id)
     get_snapshot(session=session, snapshot_id=snap_id, project_id=project_id)
     key = _comparison_key(a, b, snap_id)
+    fmt = DETECTION_FORMAT if detectors[0] else REPORT_FORMAT
     try:
         cached = json.loads(storage.get(key))
-        if cached.get("alpha") == alpha and cached.get("report_format") == REPORT_FORMAT:
+        if cached.get("alpha") == alpha and cached.get("report_format") == fmt:
             return cached
     except ObjectNotFound:
         pass
+    if detectors[0]:
+        report = json_safe(
+            compare_detector_versions(
+                session=session,
+                storage=storage,
+                a=a,
+                b=b,
+                cache_root=cache_root,
+                snapshot_id=snap_id,
+                alpha=alpha,
+                project_id=project_id,
+            )
+        )
+        storage.put(key, json.dumps(report).encode(), content_type="application/json")
+        return report
     la = load_version(storage=storage, row=a, cache_root=cache_root)
     lb = load_version(storage=storage, row=b, cache_root=cache_root)
 

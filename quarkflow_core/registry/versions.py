@@ -61,6 +61,10 @@ def model_cache_dir(settings: Settings | None = None) -> Path:
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    if metrics.get("task") == "detection":
+        from quarkflow_core.detection.training import detection_headline
+
+        return detection_headline(metrics)
     from quarkflow_core.training_runs import headline
 
     return headline(metrics)
@@ -245,8 +249,13 @@ def materialize(*, storage: Storage, row: ModelVersion, cache_root: str | Path) 
 
 
 def load_version(*, storage: Storage, row: ModelVersion, cache_root: str | Path):
-    """Materialise, verify and load a version as an ml.artifacts.LoadedModel."""
+    """Materialise, verify and load a version as an ml.artifacts.LoadedModel (a detector's
+    as a detection.artifacts.LoadedDetector)."""
     from quarkflow_core.ml.artifacts import load_artifact
 
     path = materialize(storage=storage, row=row, cache_root=cache_root)
+    if (row.manifest or {}).get("task") == "detection":
+        from quarkflow_core.detection.artifacts import load_detector_artifact
+
+        return load_detector_artifact(path, expected_sha256=row.sha256)
     return load_artifact(path, expected_sha256=row.sha256)

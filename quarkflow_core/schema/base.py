@@ -107,9 +107,10 @@ def parse_enum(cls: type[enum.StrEnum], value: object, what: str):
 
 
 class TaskType(enum.StrEnum):
-    """What a project's models do; the next task type (object detection) plugs in here."""
+    """What a project's models do: one label per image, or labelled boxes."""
 
     CLASSIFICATION = "classification"
+    DETECTION = "detection"
 
 
 class Role(enum.StrEnum):

@@ -155,6 +155,9 @@ class Prediction(Base):
     label: Mapped[str] = mapped_column(String(128))
     confidence: Mapped[float] = mapped_column(Float)  # calibrated
     topk: Mapped[list[Any]] = mapped_column(default=list)  # [{"label":..,"confidence":..}]
+    # detection: [{"label", "score", "box": [x1, y1, x2, y2]}] in pixels; label/confidence
+    # then summarise them (the top box's label and score)
+    boxes: Mapped[list[Any] | None] = mapped_column()
     latency_ms: Mapped[float] = mapped_column(Float)
     request_id: Mapped[str | None] = mapped_column(String(64))
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
@@ -173,6 +176,9 @@ class Feedback(Base):
     verdict: Mapped[Verdict] = mapped_column(enum_column(Verdict, "verdict"))
     true_label: Mapped[str | None] = mapped_column(String(128))
     comment: Mapped[str | None] = mapped_column(Text)
+    # detection: the verdict per predicted box and the boxes drawn for missed objects
+    # (quarkflow_core.detection.feedback)
+    boxes: Mapped[list[Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -201,6 +207,8 @@ class ReviewItem(Base):
     scored_label: Mapped[str | None] = mapped_column(String(128))
     scored_confidence: Mapped[float | None] = mapped_column(Float)
     scored_topk: Mapped[list[Any] | None] = mapped_column()
+    scored_boxes: Mapped[list[Any] | None] = mapped_column()  # detection
+    resolved_boxes: Mapped[list[Any] | None] = mapped_column()  # detection: what people settled
     note: Mapped[str | None] = mapped_column(String(256))  # why it was closed / settled
     decided_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -224,6 +232,7 @@ class Annotation(Base):
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     external_id: Mapped[str | None] = mapped_column(String(128))  # idempotency key
     external_task_id: Mapped[str | None] = mapped_column(String(64))
+    boxes: Mapped[list[Any] | None] = mapped_column()  # detection: the annotator's boxes
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -258,6 +267,7 @@ class DatasetMember(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
     label: Mapped[str] = mapped_column(String(128))
     split: Mapped[Split] = mapped_column(enum_column(Split, "split"))
+    boxes: Mapped[list[Any] | None] = mapped_column()  # detection: the ground truth
 
 
 class TrainingRun(Base):

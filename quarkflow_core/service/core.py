@@ -251,6 +251,15 @@ class PredictionService:
                 f"{self.settings.max_batch_files}",
                 code="too_many_files",
             )
+        if getattr(predictor, "task", "classification") == "detection":
+            return self._predict_boxes(
+                uploads,
+                predictor=predictor,
+                principal=principal,
+                request_id=request_id,
+                source=source,
+                project_id=project_id,
+            )
         started = time.perf_counter()
         # (info, model input) per image: decoded one at a time under the process's budget,
         # each full-size frame freed as soon as its small input array exists
@@ -286,6 +295,55 @@ class PredictionService:
             if payload["review"]:
                 self.metrics.reviews.inc()
             out.append(public_view(payload))
+        return out
+
+    def _predict_boxes(
+        self,
+        uploads: list[tuple[bytes, str | None]],
+        *,
+        predictor: Any,
+        principal: Principal,
+        request_id: str | None,
+        source: str,
+        project_id: int,
+    ) -> list[dict[str, Any]]:
+        """``predict`` for a detection project: each image's boxes, in its own pixels, logged
+        with the summary that decides review (``detection.serving``)."""
+        from quarkflow_core.detection.serving import model_input, summarize_boxes, to_original
+
+        started = time.perf_counter()
+        infos = prepare_uploads(
+            uploads,
+            convert=model_input,
+            budget=self.decode_budget,
+            max_bytes=self.settings.max_upload_bytes,
+            max_pixels=self.settings.max_image_pixels,
+            max_request_pixels=self.settings.max_request_pixels,
+            on_reject=lambda code: self.metrics.rejected.labels(code).inc(),
+        )
+        threshold = predictor.threshold(self.settings.review_threshold)
+        out = []
+        for (data, _), (info, (array, scale)) in zip(uploads, infos, strict=True):
+            found = to_original(
+                predictor.predict_array(array), scale=scale, width=info.width, height=info.height
+            )
+            summary = summarize_boxes(found, threshold=threshold)
+            payload = prediction_record(
+                summary=summary,
+                info=info,
+                model_version=predictor.version,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                review_threshold=threshold,
+                user_id=principal.user_id,
+                request_id=request_id,
+                source=source,
+                project_id=project_id,
+            )
+            self.outbox.append(PREDICTION, payload["id"], payload, data)
+            self.metrics.predictions.inc()
+            if payload["review"]:
+                self.metrics.reviews.inc()
+            out.append({**public_view(payload), "threshold": round(threshold, 4)})
         return out
 
     def _apply(self, records: list[Record]) -> None:
@@ -328,11 +386,16 @@ class PredictionService:
         comment: str | None,
         principal: Principal,
         project_id: int = DEFAULT_PROJECT_ID,
+        boxes: list[dict[str, Any]] | None = None,
+        missed: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Acknowledged only once durable (committed to the outbox). The prediction must be the
         project's, the label one of the classes of the project's served model. While the
         database is down the prediction is checked against the ones this server acknowledged
-        (any age)."""
+        (any age). A detection takes verdicts per box (``boxes``) and the ``missed`` objects'
+        boxes instead of a label (``detection.feedback``)."""
+        from quarkflow_core.detection.feedback import check_box_feedback
+
         v = parse_verdict(verdict)
         try:  # NotFound for unknown ids and other projects' predictions
             pred = self.get_prediction(prediction_id, project_id=project_id)
@@ -345,7 +408,31 @@ class PredictionService:
                     "back"
                 ) from None
             pred = {"id": prediction_id, "label": label}
+            known = self.outbox.known_boxes(prediction_id, project_id=project_id)
+            if known is not None:
+                pred["boxes"] = known
         served = self.models.current(project_id)
+        said = None
+        if "boxes" in pred:
+            if (true_label or "").strip():
+                raise InvalidInput(
+                    "this prediction is a detection: send a verdict per box (boxes) and the "
+                    "missed objects (missed), not true_label"
+                )
+            said = check_box_feedback(
+                verdict=v,
+                predicted=pred["boxes"],
+                boxes=boxes,
+                missed=missed,
+                classes=served.classes if served else [],
+                width=pred.get("width"),
+                height=pred.get("height"),
+            )
+        elif boxes or missed:
+            raise InvalidInput(
+                "boxes and missed are verdicts on a detection's boxes; this prediction is a "
+                "classification: send true_label"
+            )
         payload = feedback_record(
             prediction_id=prediction_id,
             predicted=pred["label"],
@@ -356,9 +443,12 @@ class PredictionService:
             user_id=principal.user_id,
             project_id=project_id,
         )
+        if said is not None:
+            payload["boxes"], payload["true_label"] = said, None
         self.outbox.append(FEEDBACK, payload["id"], payload)
         keys = ("id", "prediction_id", "verdict", "true_label")
-        return {**{k: payload[k] for k in keys}, "durable": True}
+        extra = {"boxes": said} if said is not None else {}
+        return {**{k: payload[k] for k in keys}, **extra, "durable": True}
 
     # ------------------------------------------------------------------ health
 

@@ -31,6 +31,19 @@ from quarkflow_core.storage import Storage
 log = logging.getLogger("quarkflow.service")
 
 
+def load_served(path: str | Path, *, version: int | None, backend: str = "auto") -> Any:
+    """The predictor of a verified artifact: a classifier's ``Predictor``, or a detector's
+    ``detection.predictor.DetectionPredictor`` (the manifest's ``task`` says which)."""
+    import json
+
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    if manifest.get("task") == "detection":
+        from quarkflow_core.detection.predictor import DetectionPredictor
+
+        return DetectionPredictor.from_artifact(path, version=version, backend=backend)
+    return Predictor.from_artifact(path, version=version, backend=backend)
+
+
 class ProjectModels:
     """``holders``: project id -> its ``ModelHolder`` (the default project's always exists);
     ``names``: project id -> name, as of the last listing; ``errors``: project id -> why its
@@ -140,9 +153,7 @@ class ProjectModels:
                 return False
             path = registry.materialize(storage=self.storage, row=row, cache_root=self.cache_root)
             version = row.version
-        predictor = Predictor.from_artifact(
-            path, version=version, backend=self.settings.serving_backend
-        )
+        predictor = load_served(path, version=version, backend=self.settings.serving_backend)
         predictor.warm_up()
         self.holder(project_id).swap(predictor)
         write_pointer(
@@ -185,7 +196,7 @@ class ProjectModels:
             if pid != DEFAULT_PROJECT_ID and pointer.get("project"):
                 self.names.setdefault(pid, str(pointer["project"]))
             try:
-                predictor = Predictor.from_artifact(
+                predictor = load_served(
                     pointer["path"],
                     version=pointer["version"],
                     backend=self.settings.serving_backend,
