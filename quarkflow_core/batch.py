@@ -59,23 +59,14 @@ def _detect_records(
     project_id: int,
 ) -> list[Record]:
     """The logged records of a detector's boxes on decoded images (``detection.serving``)."""
-    from quarkflow_core.queue.rules import detection_score
+    from quarkflow_core.detection.serving import detect_summary
 
     out = []
     for (key, data, info), image in zip(valid, images, strict=True):
         t0 = time.perf_counter()
-        score = detection_score(
+        summary = detect_summary(
             predictor, image, width=info.width, height=info.height, threshold=threshold
         )
-        summary = {
-            "label": score.label,
-            "confidence": score.confidence,
-            "topk": [],
-            "margin": score.margin,
-            "entropy": score.entropy,
-            "review": score.unsure,
-            "boxes": score.boxes,
-        }
         payload = prediction_record(
             summary=summary,
             info=info,

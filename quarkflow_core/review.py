@@ -383,9 +383,7 @@ def sync_from_settings(
     row = get_project(session=session, ref=project_id)
     studio = studio_from_settings(settings)
     classes = project_classes(session=session, project_id=project_id)
-    project = studio.ensure_project(
-        ls_title(settings, row), classes, task_type=row.task_type.value
-    )
+    project = studio.ensure_project(ls_title(settings, row), classes, task_type=row.task_type.value)
     if row.labelstudio_project_id != project.id:
         row.labelstudio_project_id = project.id  # committed with the sync, by design
         session.flush()

@@ -9,6 +9,8 @@ The CLI and the Prefect flows call these functions; nothing here knows about eit
 from __future__ import annotations
 
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,17 +124,13 @@ def train_from_snapshot(
 
     config.validate()
     snap = get_snapshot(session=session, snapshot_id=snapshot_id, project_id=project_id)
-    run = TrainingRun(
+    with recorded_run(
+        session=session,
         project_id=project_id,
-        status=RunStatus.RUNNING,
         config=config.to_dict(),
         snapshot_id=snap.id,
         device=str(select_device(config.device)),
-        started_at=datetime.now(UTC),
-    )
-    session.add(run)
-    session.commit()
-    try:
+    ) as run:
         preset = config.eval_preset()
         data = load_snapshot(
             session=session,
@@ -216,6 +214,26 @@ def train_from_snapshot(
         run.finished_at = datetime.now(UTC)
         session.commit()
         return TrainOutcome(run.id, Path(out_dir), sha, metrics, result.summary())
+
+
+@contextmanager
+def recorded_run(
+    *, session: Session, project_id: int, config: dict[str, Any], snapshot_id: int, device: str
+) -> Iterator[TrainingRun]:
+    """A ``training_runs`` row, committed as running before the block and as failed (with the
+    error) when the block raises; the block marks success itself."""
+    run = TrainingRun(
+        project_id=project_id,
+        status=RunStatus.RUNNING,
+        config=config,
+        snapshot_id=snapshot_id,
+        device=device,
+        started_at=datetime.now(UTC),
+    )
+    session.add(run)
+    session.commit()
+    try:
+        yield run
     except BaseException as exc:
         session.rollback()
         run.status = RunStatus.FAILED

@@ -55,6 +55,7 @@ def _same(a: list[dict] | None, b: list[dict]) -> bool:
     return sorted(key) == sorted((x["label"], *(round(v, 1) for v in x["box"])) for x in b)
 
 
+@pytest.mark.timeout(1500)  # ~2.5 min alone on 2 cores; three trainings on a busy machine
 def test_the_detection_loop_improves_the_served_detector(
     prefect_harness, monkeypatch, tmp_path, pg_factory, gcs_host
 ):

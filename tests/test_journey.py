@@ -176,6 +176,37 @@ def _preview_loaded(page) -> bool:
     )
 
 
+def _detection_journey(browser, demo: dict, engine) -> None:
+    from quarkflow_core.detection.demo import DEMO_PROJECT
+    from quarkflow_core.detection.synth import digits_on_photos, encode_png
+
+    photo = demo["tmp"] / "digits-on-a-photo.png"
+    photo.write_bytes(encode_png(digits_on_photos(1, seed=777)[0]))
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    page.goto(demo["api"] + "/demo/")
+    page.get_by_text("Model v").first.wait_for(timeout=60_000)
+    page.get_by_label("Project").click()
+    page.get_by_role("option", name=DEMO_PROJECT, exact=True).click()
+    page.locator("#qf-boxes").wait_for(state="visible", timeout=60_000)
+    page.locator("#qf-boxes input[type=file]").set_input_files(str(photo))
+    page.get_by_text(re.compile(r"objects? at score")).wait_for(timeout=60_000)
+    page.wait_for_timeout(500)
+    page.get_by_role("button", name="Accept all").click()
+    page.get_by_text("every box recorded as correct").wait_for(timeout=30_000)
+    _shot(page, demo["shots"], "journey-expert-detection")
+    in_project = (
+        select(func.count(Feedback.id))
+        .join(Prediction, Prediction.id == Feedback.prediction_id)
+        .where(Prediction.project_id != DEFAULT_PROJECT_ID, Feedback.verdict == "correct")
+    )
+    wait_until(_poll(engine, in_project), timeout=30, what="the detection verdict")
+    with Session(engine) as s:
+        pred = s.scalars(
+            select(Prediction).where(Prediction.project_id != DEFAULT_PROJECT_ID)
+        ).first()
+        assert pred is not None and pred.boxes is not None
+
+
 def _journey(demo: dict, engine) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -289,6 +320,10 @@ def _journey(demo: dict, engine) -> None:
         # 4. the demo page, never reloaded, now names v2
         expert.get_by_text("Model v2").first.wait_for(timeout=60_000)
         _shot(expert, shots, "journey-expert-v2")
+
+        # 5. the detection project make demo created: boxes drawn on the photo, accepted in
+        # one click, the verdict logged in that project
+        _detection_journey(browser, demo, engine)
         browser.close()
     assert httpx.get(demo["api"] + "/readyz").json()["checks"]["model"]["version"] == 2
 

@@ -139,21 +139,11 @@ def settle_boxes(
     """Settle one image's review item from the box evidence (``queue.settle`` for detection
     projects). An analyst's or ML lead's decision is final."""
     ev = evidence_of(session, project_id=project_id, image_id=image_id).get(image_id, Evidence())
-    item = session.scalar(
-        select(ReviewItem).where(
-            ReviewItem.project_id == project_id, ReviewItem.image_id == image_id
-        )
+    from quarkflow_core.queue.rules import item_to_settle
+
+    item = item_to_settle(
+        session, image_id=image_id, prediction_id=prediction_id, project_id=project_id
     )
-    if item is None:
-        item = ReviewItem(
-            project_id=project_id,
-            image_id=image_id,
-            prediction_id=prediction_id,
-            reason=ReviewReason.SAMPLED,
-            state=ReviewState.OPEN,
-            priority=0.0,
-        )
-        session.add(item)
     if item.decided_by_id is not None or item.state == ReviewState.DISMISSED:
         return item.state
     outcome, boxes, note = consensus(ev)

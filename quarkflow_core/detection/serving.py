@@ -73,3 +73,29 @@ def summarize_boxes(
         "boxes": kept,
         "uncertain_boxes": len(in_band),
     }
+
+
+def boxes_summary(
+    predictor: Any,
+    array: np.ndarray,
+    *,
+    scale: float,
+    width: int,
+    height: int,
+    threshold: float,
+) -> dict[str, Any]:
+    """``summarize_boxes`` of what ``predictor`` finds in a model input (``model_input``), in
+    the original image's pixels."""
+    found = to_original(predictor.predict_array(array), scale=scale, width=width, height=height)
+    return summarize_boxes(found, threshold=threshold)
+
+
+def detect_summary(
+    predictor: Any, image: PILImage.Image, *, width: int, height: int, threshold: float
+) -> dict[str, Any]:
+    """``boxes_summary`` of a decoded image: what the API, the batch flow and the review
+    queue's re-scoring log for a detection."""
+    array, scale = model_input(image)
+    return boxes_summary(
+        predictor, array, scale=scale, width=width, height=height, threshold=threshold
+    )

@@ -5,7 +5,6 @@ live (the detection counterpart of ``training_runs.train_from_snapshot``)."""
 from __future__ import annotations
 
 import json
-import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,10 +14,11 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import get_snapshot
 from quarkflow_core.errors import NotFound
-from quarkflow_core.schema import DEFAULT_PROJECT_ID, RunStatus, Split, TrainingRun, json_safe
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, RunStatus, Split, json_safe
 from quarkflow_core.storage import Storage
 
 FALLBACK_THRESHOLD = 0.5
+MIN_THRESHOLD = 0.25
 EVAL_FLOOR = 0.01  # mAP needs the low-confidence tail that serving's floor (0.05) cuts off
 HEADLINE = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
 
@@ -90,20 +90,17 @@ def train_detector_from_snapshot(
     from quarkflow_core.detection.snapshots import load_detection_snapshot
     from quarkflow_core.detection.train import detect, fit_detector
     from quarkflow_core.ml.engine import select_device
+    from quarkflow_core.training_runs import recorded_run
 
     config.validate()
     snap = get_snapshot(session=session, snapshot_id=snapshot_id, project_id=project_id)
-    run = TrainingRun(
+    with recorded_run(
+        session=session,
         project_id=project_id,
-        status=RunStatus.RUNNING,
         config={**config.to_dict(), "task": "detection"},
         snapshot_id=snap.id,
         device=str(select_device(config.device)),
-        started_at=datetime.now(UTC),
-    )
-    session.add(run)
-    session.commit()
-    try:
+    ) as run:
         data = load_detection_snapshot(
             session=session, storage=storage, snapshot_id=snap.id, project_id=project_id
         )
@@ -134,9 +131,18 @@ def train_detector_from_snapshot(
             {"boxes": b, "labels": lab} for b, lab in zip(val.boxes, val.labels, strict=True)
         ]
         chosen = choose_threshold(val_preds, val_truths)
-        # no box found on validation (an undertrained detector): a middle threshold, said so
-        threshold = FALLBACK_THRESHOLD if chosen["threshold"] is None else chosen["threshold"]
-        chosen["source"] = "fallback" if chosen["threshold"] is None else "best_f1_on_validation"
+        # no box found on validation (an undertrained detector): a middle threshold, said so;
+        # never below MIN_THRESHOLD: a weak model's best F1 sits at scores that would show an
+        # expert dozens of boxes
+        best = chosen["threshold"]
+        threshold = FALLBACK_THRESHOLD if best is None else max(MIN_THRESHOLD, float(best))
+        chosen["source"] = (
+            "fallback"
+            if best is None
+            else "best_f1_on_validation"
+            if best >= MIN_THRESHOLD
+            else "raised_to_minimum"
+        )
         holdout = data[Split.HOLDOUT]
         metrics: dict[str, Any] = {
             "task": "detection",
@@ -172,13 +178,6 @@ def train_detector_from_snapshot(
         run.finished_at = datetime.now(UTC)
         session.commit()
         return DetectorOutcome(run.id, Path(out_dir), sha, metrics, result.summary())
-    except BaseException as exc:
-        session.rollback()
-        run.status = RunStatus.FAILED
-        run.error = "".join(traceback.format_exception_only(exc)).strip()[:4000]
-        run.finished_at = datetime.now(UTC)
-        session.commit()
-        raise
 
 
 def export_detector_step(

@@ -128,6 +128,25 @@ def observe(
     return item
 
 
+def item_to_settle(
+    session: Session, *, image_id: int, prediction_id: str | None, project_id: int
+) -> ReviewItem:
+    """The image's review item, opened (as sampled) when people spoke about an image the
+    model was sure of."""
+    item = _item_of(session, image_id=image_id, project_id=project_id)
+    if item is None:
+        item = ReviewItem(
+            project_id=project_id,
+            image_id=image_id,
+            prediction_id=prediction_id,
+            reason=ReviewReason.SAMPLED,
+            state=ReviewState.OPEN,
+            priority=0.0,
+        )
+        session.add(item)
+    return item
+
+
 def settle(
     session: Session,
     *,
@@ -160,17 +179,9 @@ def settle(
     feedback_labels = {
         label for verdict, true, guess in said if (label := feedback_label(verdict, true, guess))
     }
-    item = _item_of(session, image_id=image_id, project_id=project_id)
-    if item is None:
-        item = ReviewItem(
-            project_id=project_id,
-            image_id=image_id,
-            prediction_id=prediction_id,
-            reason=ReviewReason.SAMPLED,
-            state=ReviewState.OPEN,
-            priority=0.0,
-        )
-        session.add(item)
+    item = item_to_settle(
+        session, image_id=image_id, prediction_id=prediction_id, project_id=project_id
+    )
     if item.decided_by_id is not None or item.state == ReviewState.DISMISSED:
         return item.state  # an analyst's or ML lead's decision is final
     if votes:
@@ -229,11 +240,9 @@ def detection_score(
     predictor: Any, image: Any, *, width: int, height: int, threshold: float
 ) -> Score:
     """What a detector says about a decoded image, as the queue scores it."""
-    from quarkflow_core.detection.serving import model_input, summarize_boxes, to_original
+    from quarkflow_core.detection.serving import detect_summary
 
-    array, scale = model_input(image)
-    found = to_original(predictor.predict_array(array), scale=scale, width=width, height=height)
-    s = summarize_boxes(found, threshold=threshold)
+    s = detect_summary(predictor, image, width=width, height=height, threshold=threshold)
     keys = ("label", "confidence", "topk", "margin", "entropy")
     return Score(
         version=predictor.version,

@@ -290,10 +290,7 @@ class PredictionService:
                 source=source,
                 project_id=project_id,
             )
-            self.outbox.append(PREDICTION, payload["id"], payload, data)
-            self.metrics.predictions.inc()
-            if payload["review"]:
-                self.metrics.reviews.inc()
+            self._log_prediction(payload, data)
             out.append(public_view(payload))
         return out
 
@@ -309,7 +306,7 @@ class PredictionService:
     ) -> list[dict[str, Any]]:
         """``predict`` for a detection project: each image's boxes, in its own pixels, logged
         with the summary that decides review (``detection.serving``)."""
-        from quarkflow_core.detection.serving import model_input, summarize_boxes, to_original
+        from quarkflow_core.detection.serving import boxes_summary, model_input
 
         started = time.perf_counter()
         infos = prepare_uploads(
@@ -324,10 +321,14 @@ class PredictionService:
         threshold = predictor.threshold(self.settings.review_threshold)
         out = []
         for (data, _), (info, (array, scale)) in zip(uploads, infos, strict=True):
-            found = to_original(
-                predictor.predict_array(array), scale=scale, width=info.width, height=info.height
+            summary = boxes_summary(
+                predictor,
+                array,
+                scale=scale,
+                width=info.width,
+                height=info.height,
+                threshold=threshold,
             )
-            summary = summarize_boxes(found, threshold=threshold)
             payload = prediction_record(
                 summary=summary,
                 info=info,
@@ -339,12 +340,16 @@ class PredictionService:
                 source=source,
                 project_id=project_id,
             )
-            self.outbox.append(PREDICTION, payload["id"], payload, data)
-            self.metrics.predictions.inc()
-            if payload["review"]:
-                self.metrics.reviews.inc()
+            self._log_prediction(payload, data)
             out.append({**public_view(payload), "threshold": round(threshold, 4)})
         return out
+
+    def _log_prediction(self, payload: dict[str, Any], data: bytes) -> None:
+        """Durable before the answer: the record (and its image) committed to the outbox."""
+        self.outbox.append(PREDICTION, payload["id"], payload, data)
+        self.metrics.predictions.inc()
+        if payload["review"]:
+            self.metrics.reviews.inc()
 
     def _apply(self, records: list[Record]) -> None:
         """Images first, with no database lock held (slow storage must not block the API's
