@@ -9,6 +9,7 @@ BENCHMARKS: list[str] = [
     "bench_serving",
     "bench_workbench",
     "bench_simulate",
+    "bench_detection",
 ]
 
 
