@@ -18,7 +18,6 @@ from quarkflow_core.schema import DEFAULT_PROJECT_ID, RunStatus, Split, json_saf
 from quarkflow_core.storage import Storage
 
 FALLBACK_THRESHOLD = 0.5
-MIN_THRESHOLD = 0.25
 EVAL_FLOOR = 0.01  # mAP needs the low-confidence tail that serving's floor (0.05) cuts off
 HEADLINE = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
 
@@ -131,18 +130,10 @@ def train_detector_from_snapshot(
             {"boxes": b, "labels": lab} for b, lab in zip(val.boxes, val.labels, strict=True)
         ]
         chosen = choose_threshold(val_preds, val_truths)
-        # no box found on validation (an undertrained detector): a middle threshold, said so;
-        # never below MIN_THRESHOLD: a weak model's best F1 sits at scores that would show an
-        # expert dozens of boxes
+        # no box found on validation (an undertrained detector): a middle threshold, said so
         best = chosen["threshold"]
-        threshold = FALLBACK_THRESHOLD if best is None else max(MIN_THRESHOLD, float(best))
-        chosen["source"] = (
-            "fallback"
-            if best is None
-            else "best_f1_on_validation"
-            if best >= MIN_THRESHOLD
-            else "raised_to_minimum"
-        )
+        threshold = FALLBACK_THRESHOLD if best is None else float(best)
+        chosen["source"] = "fallback" if best is None else "best_f1_on_validation"
         holdout = data[Split.HOLDOUT]
         metrics: dict[str, Any] = {
             "task": "detection",
