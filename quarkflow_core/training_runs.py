@@ -9,7 +9,7 @@ The CLI and the Prefect flows call these functions; nothing here knows about eit
 from __future__ import annotations
 
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -145,24 +145,17 @@ def train_from_snapshot(
         # read, then writes after another process wrote (the API logging predictions), is
         # refused with "database is locked" instead of waiting.
         session.commit()
-        live: list[dict[str, Any]] = []
-
-        def on_progress(ev: Any) -> None:
-            # Each epoch is committed to the run row so the workbench shows live progress.
-            if ev.stage == "epoch":
-                live.append(
-                    {
-                        "epoch": ev.epoch,
-                        "train_loss": ev.train_loss,
-                        "val_loss": ev.val_loss,
-                        "val_accuracy": ev.val_accuracy,
-                    }
-                )
-                run.progress = json_safe({"history": live, "epoch": ev.epoch, "epochs": ev.epochs})
-                session.commit()
-            if progress is not None:
-                progress(ev)
-
+        on_progress = live_progress(
+            session,
+            run,
+            progress=progress,
+            entry=lambda ev: {
+                "epoch": ev.epoch,
+                "train_loss": ev.train_loss,
+                "val_loss": ev.val_loss,
+                "val_accuracy": ev.val_accuracy,
+            },
+        )
         result = fit(data[Split.TRAIN], config, progress=on_progress)
         val_logits = predict_logits(result.model, result.val.images, result.preset)
         temperature = fit_temperature(val_logits, result.val.labels)
@@ -202,18 +195,52 @@ def train_from_snapshot(
                 "device": result.device,
                 "run_id": run.id,
             },
-            dataset={
-                "snapshot_id": snap.id,
-                "content_hash": snap.content_hash,
-                "class_counts": snap.class_counts,
-            },
+            dataset=dataset_record(snap),
         )
-        run.status = RunStatus.SUCCEEDED
-        run.metrics = json_safe(headline(metrics))
-        run.progress = json_safe({"history": result.history})
-        run.finished_at = datetime.now(UTC)
-        session.commit()
+        finish_run(session, run, headline=headline(metrics), history=result.history)
         return TrainOutcome(run.id, Path(out_dir), sha, metrics, result.summary())
+
+
+def dataset_record(snap: DatasetSnapshot) -> dict[str, Any]:
+    """What an artifact's manifest says about the snapshot it was trained on."""
+    return {
+        "snapshot_id": snap.id,
+        "content_hash": snap.content_hash,
+        "class_counts": snap.class_counts,
+    }
+
+
+def live_progress(
+    session: Session,
+    run: TrainingRun,
+    *,
+    progress: Any,
+    entry: Callable[[Any], dict[str, Any]],
+) -> Callable[[Any], None]:
+    """A fit's progress callback that also commits each epoch's ``entry`` to the run row, so
+    the workbench shows live progress, then passes the event on to ``progress``."""
+    live: list[dict[str, Any]] = []
+
+    def on_progress(ev: Any) -> None:
+        if ev.stage == "epoch":
+            live.append(entry(ev))
+            run.progress = json_safe({"history": live, "epoch": ev.epoch, "epochs": ev.epochs})
+            session.commit()
+        if progress is not None:
+            progress(ev)
+
+    return on_progress
+
+
+def finish_run(
+    session: Session, run: TrainingRun, *, headline: dict[str, Any], history: list[Any]
+) -> None:
+    """Mark a run succeeded with its headline metrics and full history; commits."""
+    run.status = RunStatus.SUCCEEDED
+    run.metrics = json_safe(headline)
+    run.progress = json_safe({"history": history})
+    run.finished_at = datetime.now(UTC)
+    session.commit()
 
 
 @contextmanager

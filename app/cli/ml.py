@@ -6,8 +6,10 @@ work in the `quarkflow --project NAME` project (default: `default`): its snapsho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -36,6 +38,31 @@ def _holdout(session: Session, snapshot: int | None, preset):
         preset=preset,
         project_id=project_id(session),
     )
+
+
+def _fit_progress(bar, title: str, epochs: int, validation: Callable[[Any], str]):
+    """A fit's progress callback drawing ``bar``: per batch the loss, per epoch a line with
+    the training loss and ``validation(event)``."""
+    task = bar.add_task(title, total=epochs)
+
+    def on_progress(ev) -> None:
+        if ev.stage == "batch":
+            bar.update(
+                task,
+                completed=ev.epoch - 1 + ev.step / max(ev.steps, 1),
+                description=f"epoch {ev.epoch}/{ev.epochs} loss {ev.train_loss:.3f}",
+            )
+        elif ev.stage == "epoch":
+            bar.update(task, completed=ev.epoch)
+            shown = validation(ev)
+            bar.console.print(
+                f"epoch {ev.epoch:>2}: train loss {ev.train_loss:.4f}"
+                + (f"  {shown}" if shown else "")
+            )
+        elif ev.stage == "done":
+            bar.update(task, completed=epochs, description=f"trained ({ev.message})")
+
+    return on_progress
 
 
 def train(
@@ -81,25 +108,12 @@ def train(
     with _session() as session, _progress() as bar:
         pid = project_id(session)
         snap_id = snapshot or default_snapshot_id(session=session, project_id=pid)
-        task = bar.add_task(f"training {architecture}", total=epochs)
-        state = {"epoch": 0}
-
-        def on_progress(ev) -> None:
-            if ev.stage == "batch":
-                bar.update(
-                    task,
-                    completed=ev.epoch - 1 + ev.step / max(ev.steps, 1),
-                    description=f"epoch {ev.epoch}/{ev.epochs} loss {ev.train_loss:.3f}",
-                )
-            elif ev.stage == "epoch":
-                state["epoch"] = ev.epoch
-                bar.update(task, completed=ev.epoch)
-                bar.console.print(
-                    f"epoch {ev.epoch:>2}: train loss {ev.train_loss:.4f}  val loss "
-                    f"{ev.val_loss:.4f}  val acc {ev.val_accuracy:.4f}"
-                )
-            elif ev.stage == "done":
-                bar.update(task, completed=epochs, description=f"trained ({ev.message})")
+        on_progress = _fit_progress(
+            bar,
+            f"training {architecture}",
+            epochs,
+            lambda ev: f"val loss {ev.val_loss:.4f}  val acc {ev.val_accuracy:.4f}",
+        )
 
         def on_fold(i: int, k: int, fold: dict) -> None:
             bar.console.print(f"fold {i}/{k}: accuracy {fold['accuracy']:.4f}")
@@ -174,22 +188,12 @@ def train_detector(
                 f"project {project_name()!r} is not a detection project; use `quarkflow train`"
             )
         snap_id = snapshot or default_snapshot_id(session=session, project_id=pid)
-        task = bar.add_task(f"training {config.architecture}", total=total)
-
-        def on_progress(ev) -> None:
-            if ev.stage == "batch":
-                bar.update(
-                    task,
-                    completed=ev.epoch - 1 + ev.step / max(ev.steps, 1),
-                    description=f"epoch {ev.epoch}/{ev.epochs} loss {ev.train_loss:.3f}",
-                )
-            elif ev.stage == "epoch":
-                bar.update(task, completed=ev.epoch)
-                val = getattr(ev, "val_map", None)
-                shown = f"  val mAP@0.5 {val:.4f}" if val is not None else ""
-                bar.console.print(f"epoch {ev.epoch:>2}: train loss {ev.train_loss:.4f}{shown}")
-            elif ev.stage == "done":
-                bar.update(task, completed=total, description=f"trained ({ev.message})")
+        on_progress = _fit_progress(
+            bar,
+            f"training {config.architecture}",
+            total,
+            lambda ev: "" if ev.val_map is None else f"val mAP@0.5 {ev.val_map:.4f}",
+        )
 
         outcome = train_detector_from_snapshot(
             session=session,

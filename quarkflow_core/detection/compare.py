@@ -22,6 +22,7 @@ import numpy as np
 from quarkflow_core.detection.boxes import agreement_arrays, to_dicts
 from quarkflow_core.detection.metrics import (
     DECIMALS,
+    MAP_KEYS,
     ImageStats,
     evaluate_detections,
     image_stats,
@@ -35,20 +36,6 @@ from quarkflow_core.errors import InvalidInput
 REPORT_FORMAT = 1  # bump when the report gains keys a policy reads (cached reports expire)
 DEFAULT_THRESHOLD = 0.5  # only when neither a threshold nor any true box lets us pick one
 TOP_DISAGREEMENTS = 12
-SIDE_BY_SIDE = (
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-)
 
 
 def bootstrap_weights(n: int, *, n_boot: int, seed: int) -> np.ndarray:
@@ -200,7 +187,7 @@ def compare_detectors(
         **{f"map_50_{k}": v for k, v in at_50.items()},
         "metrics": {
             key: {"a": rep_a[key], "b": rep_b[key], "diff": _minus(rep_b[key], rep_a[key])}
-            for key in SIDE_BY_SIDE
+            for key in MAP_KEYS
         },
         "per_class": {
             c: {

@@ -32,6 +32,21 @@ AREAS = ("all", "small", "medium", "large")
 AREA_RANGES = ((0.0, 1e10), (0.0, float(SMALL_AREA)), (float(SMALL_AREA), float(LARGE_AREA)))
 AREA_RANGES += ((float(LARGE_AREA), 1e10),)
 MAX_DETS = 100  # COCO's maxDets for AP: per image and class
+# torchmetrics' summary numbers a report carries (and a comparison puts side by side)
+MAP_KEYS = (
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+)
 CURVE_POINTS = 101  # recall grid of the precision-recall curves (COCO's recThrs)
 CHUNK = 2_000_000  # float64 elements per resample chunk: ~16 MB a temporary array
 DECIMALS = 6  # torchmetrics reports float32; more digits are noise
@@ -521,23 +536,7 @@ def evaluate_detections(
         raise InvalidInput(f"score_threshold must be in [0, 1], got {score_threshold}")
     p, t = validated_detections(preds, truths, len(classes))
     res = _torchmetrics_map(p, t)
-    report: dict[str, Any] = {
-        key: json_number(res[key])
-        for key in (
-            "map",
-            "map_50",
-            "map_75",
-            "map_small",
-            "map_medium",
-            "map_large",
-            "mar_1",
-            "mar_10",
-            "mar_100",
-            "mar_small",
-            "mar_medium",
-            "mar_large",
-        )
-    }
+    report: dict[str, Any] = {key: json_number(res[key]) for key in MAP_KEYS}
     present = [int(c) for c in res["classes"].reshape(-1).tolist()]
     ap = res["map_per_class"].reshape(-1).tolist()
     ar = res["mar_100_per_class"].reshape(-1).tolist()

@@ -11,11 +11,9 @@ and ``checkpoint_dir`` resumes where an interrupted run stopped and ends with th
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from quarkflow_core.detection.models import detector_spec, get_detector
 from quarkflow_core.errors import InvalidInput
 from quarkflow_core.ml.engine import autocast, select_device
 from quarkflow_core.ml.train import (
+    Options,
     ProgressCallback,
     ProgressEvent,
     _atomic_save,
@@ -45,7 +44,9 @@ BatchCallback = Callable[[int, int, float], None]  # (step, steps, loss)
 
 
 @dataclass
-class DetectorConfig:
+class DetectorConfig(Options):
+    KIND = "detector training options"
+
     architecture: str = DEFAULT_DETECTOR
     # None: the architecture's default (``detector_spec(architecture)``); ``resolved()`` fills
     # them in, and a fitted model's config is always resolved, so its fingerprint is explicit
@@ -68,20 +69,6 @@ class DetectorConfig:
     device: str = "auto"
     amp: bool = True  # mixed precision (CUDA only)
     num_threads: int | None = None  # CPU threads; default: torch's choice
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise InvalidInput(f"unknown detector training options: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def resolved(self) -> DetectorConfig:
         """A copy with every architecture default filled in."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from quarkflow_core.datasets import get_snapshot
 from quarkflow_core.errors import NotFound
-from quarkflow_core.schema import DEFAULT_PROJECT_ID, RunStatus, Split, json_safe
+from quarkflow_core.schema import DEFAULT_PROJECT_ID, Split
 from quarkflow_core.storage import Storage
 
 FALLBACK_THRESHOLD = 0.5
@@ -89,7 +88,12 @@ def train_detector_from_snapshot(
     from quarkflow_core.detection.snapshots import load_detection_snapshot
     from quarkflow_core.detection.train import detect, fit_detector
     from quarkflow_core.ml.engine import select_device
-    from quarkflow_core.training_runs import recorded_run
+    from quarkflow_core.training_runs import (
+        dataset_record,
+        finish_run,
+        live_progress,
+        recorded_run,
+    )
 
     config.validate()
     snap = get_snapshot(session=session, snapshot_id=snapshot_id, project_id=project_id)
@@ -106,23 +110,17 @@ def train_detector_from_snapshot(
         if Split.TRAIN not in data or Split.HOLDOUT not in data:
             raise NotFound(f"snapshot {snap.id} needs both a train and a holdout split")
         session.commit()  # no read transaction held through minutes of training (SQLite)
-        live: list[dict[str, Any]] = []
-
-        def on_progress(ev: Any) -> None:
-            if ev.stage == "epoch":
-                live.append(
-                    {
-                        "epoch": ev.epoch,
-                        "train_loss": ev.train_loss,
-                        "val_loss": ev.val_loss,
-                        "val_map50": getattr(ev, "val_map", None),
-                    }
-                )
-                run.progress = json_safe({"history": live, "epoch": ev.epoch, "epochs": ev.epochs})
-                session.commit()
-            if progress is not None:
-                progress(ev)
-
+        on_progress = live_progress(
+            session,
+            run,
+            progress=progress,
+            entry=lambda ev: {
+                "epoch": ev.epoch,
+                "train_loss": ev.train_loss,
+                "val_loss": ev.val_loss,
+                "val_map50": ev.val_map,
+            },
+        )
         result = fit_detector(data[Split.TRAIN], config, progress=on_progress)
         val = result.val
         val_preds = detect(result.model, val.images, score_floor=EVAL_FLOOR)
@@ -157,17 +155,9 @@ def train_detector_from_snapshot(
                 "device": result.device,
                 "run_id": run.id,
             },
-            dataset={
-                "snapshot_id": snap.id,
-                "content_hash": snap.content_hash,
-                "class_counts": snap.class_counts,
-            },
+            dataset=dataset_record(snap),
         )
-        run.status = RunStatus.SUCCEEDED
-        run.metrics = json_safe(detection_headline(metrics))
-        run.progress = json_safe({"history": result.history})
-        run.finished_at = datetime.now(UTC)
-        session.commit()
+        finish_run(session, run, headline=detection_headline(metrics), history=result.history)
         return DetectorOutcome(run.id, Path(out_dir), sha, metrics, result.summary())
 
 

@@ -31,8 +31,29 @@ from quarkflow_core.ml.transforms import Preprocess, eval_preset, train_preset
 CHECKPOINT = "checkpoint.pt"
 
 
+class Options:
+    """What a training config dataclass shares: built from a dict that may hold only its own
+    fields, dumped to one, and fingerprinted (a checkpoint names the config it belongs to)."""
+
+    KIND = "training options"  # how an unknown key is reported
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidInput(f"unknown {cls.KIND}: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     architecture: str = "smallcnn"
     preset: str | None = None  # eval preset name; default: the architecture's
     image_size: int | None = None  # override the preset's size
@@ -55,20 +76,6 @@ class TrainConfig:
     amp: bool = True  # mixed precision (CUDA only)
     num_threads: int | None = None  # CPU threads; default: torch's choice
     pretrained_weights: str | None = None  # local file, or 'package' for efficientnet_lite0
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise InvalidInput(f"unknown training options: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def validate(self) -> None:
         model_spec(self.architecture)
