@@ -4,6 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml | sha1sum | cut -c1-12)
+# tritonclient, for tests/test_oip.py: its pins conflict with ours, so it has its own venv
+CLIENTS_VENV := .venv-clients
+CLIENTS_STAMP := $(CLIENTS_VENV)/.installed-$(shell cat requirements-clients.txt | sha1sum | cut -c1-12)
 
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -12,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo test lint format bench services-start services-stop clean
 
-install: $(STAMP)
+install: $(STAMP) $(CLIENTS_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +24,11 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyprojec
 	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
+
+$(CLIENTS_STAMP): requirements-clients.txt
+	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install -q -r requirements-clients.txt
+	@rm -f $(CLIENTS_VENV)/.installed-* && touch $@
 
 PORT ?= 8000
 WB_PORT ?= 8501

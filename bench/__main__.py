@@ -6,10 +6,13 @@ import sys
 BENCHMARKS: list[str] = [
     "bench_train",
     "bench_ml_speed",
+    "bench_quantize",
     "bench_serving",
+    "bench_serving_peers",
     "bench_workbench",
     "bench_simulate",
     "bench_detection",
+    "bench_gpu",
 ]
 
 

@@ -8,8 +8,8 @@ and served with onnxruntime; the client sends a real photograph (skimage's astro
 
 Targets (issue #5): model-bound API img/s at 16 clients >= 0.85x raw batched throughput;
 single-client API p50 minus raw batch-1 p50 <= 5 ms; 32 clients for 60 s with zero 5xx and
-flat server memory. LitServe is not measured: it is not in the project's pinned set and
-would need its own environment.
+flat server memory. LitServe, BentoML and a bare FastAPI endpoint are measured against the
+same API by bench/bench_serving_peers.py (each in its own venv).
 
 Writes bench/results/serving.json. QF_BENCH_SOAK_S shortens the 60 s soak for a quick look.
 """
@@ -301,7 +301,7 @@ def main() -> None:
                 "soak_zero_5xx": soak["server_5xx"] == 0,
                 "soak_rss_growth_mb": rss_after - rss_before,
             },
-            "litserve": "not measured: not in the pinned set; would need its own environment",
+            "litserve": "see serving_peers.json (bench/bench_serving_peers.py)",
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(result, indent=2))

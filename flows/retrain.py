@@ -1,4 +1,5 @@
-"""`retrain`: snapshot -> train -> (prune) -> export -> register the challenger + comparison.
+"""`retrain`: snapshot -> train -> (prune) -> export -> (INT8) -> register the challenger +
+comparison.
 
 Every task calls one quarkflow_core.pipeline function; retries only where a retry is safe
 (every step is; ``register`` is idempotent). Progress and the final report are Prefect
@@ -83,6 +84,25 @@ def prune_task(
         )
 
 
+@task(name="quantize", retries=1)
+def quantize_task(artifact_dir: str, snapshot_id: int, project_id: int) -> dict[str, Any]:
+    """The INT8 variant, or ``{"refused": why}`` when it loses too much accuracy (not retried:
+    the same model and data would be refused again)."""
+    from quarkflow_core.errors import InvalidInput
+
+    with db() as s:
+        try:
+            return core.quantize_step(
+                session=s,
+                storage=storage(),
+                artifact_dir=artifact_dir,
+                snapshot_id=snapshot_id,
+                project_id=project_id,
+            )
+        except InvalidInput as exc:
+            return {"refused": exc.detail}
+
+
 @task(name="export", retries=1)
 def export_task(artifact_dir: str, snapshot_id: int, fmt: str, project_id: int) -> float:
     with db() as s:
@@ -98,7 +118,7 @@ def export_task(artifact_dir: str, snapshot_id: int, fmt: str, project_id: int) 
 
 @task(name="register", retries=2, retry_delay_seconds=2)
 def register_task(
-    key: str, artifact_dir: str, parent_dir: str | None, project_id: int
+    key: str, artifact_dir: str, parent_dir: str | list[str] | None, project_id: int
 ) -> dict[str, Any]:
     from quarkflow_core.registry import PolicyConfig, model_cache_dir
 
@@ -142,6 +162,7 @@ def retrain(
     device: str = "auto",
     kfold: int = 0,
     prune_ratio: float | None = None,
+    quantize: bool = False,
     export: str | None = "onnx",
     min_epochs: int | None = None,
     image_size: int | None = None,
@@ -150,7 +171,10 @@ def retrain(
     """Retrain a project from seed + feedback + annotations; register the candidate as its
     challenger. Options left out take the project's task defaults (a classification project:
     smallcnn, 15 epochs, batch 128, lr 3e-3, light augmentation; a detection project: its
-    default detector's recipe)."""
+    default detector's recipe). ``quantize``: also make an INT8 variant (ONNX Runtime static
+    quantization) and register it as the candidate, its fp32 source as its parent (classifiers
+    only); a variant losing more than 0.5 points of hold-out accuracy is refused, and the fp32
+    model is the candidate (the result and the report say so)."""
     pid = resolve_project(project)
     with db() as s:
         spec = core.retrain_spec(
@@ -165,6 +189,7 @@ def retrain(
             device=device,
             kfold=kfold,
             prune_ratio=prune_ratio,
+            quantize=quantize or None,
             export=export,
             min_epochs=min_epochs,
             image_size=image_size,
@@ -193,6 +218,15 @@ def retrain(
             result["parity_max_abs_diff"] = export_task(
                 candidate_dir, snap["snapshot_id"], spec.export, pid
             )
+        if spec.quantize:  # the INT8 variant is the candidate; its fp32 source its parent
+            int8 = quantize_task(candidate_dir, snap["snapshot_id"], pid)
+            if "refused" in int8:  # the fp32 model stays the candidate; the report says why
+                print(int8["refused"])
+                result["quantize"] = int8
+            else:
+                result["quantize"] = int8["report"]
+                parents = [parent_dir, candidate_dir] if parent_dir else candidate_dir
+                candidate_dir, parent_dir = int8["artifact_dir"], parents
         result.update(
             reused=False,
             training=trained,

@@ -1,5 +1,6 @@
 """Model comparison: any two versions on the same hold-out. Classifiers: accuracy, McNemar,
-per-class deltas, confusion and reliability. Detectors: mAP side by side with the paired
+per-class deltas, confusion and reliability, and an INT8 variant's evidence against its fp32
+source. Detectors: mAP side by side with the paired
 bootstrap CI of the difference, AP per class, precision-recall curves, the policy's checks
 and the hold-out images the two disagree on most, with both versions' boxes drawn."""
 
@@ -81,7 +82,8 @@ def tradeoff(
                 "latency_ms": v["metrics"].get("latency_ms_batch1"),
                 "size_mb": v["size_bytes"] / 1e6,
                 "size": fmt.size(v["size_bytes"]),
-                "variant": "pruned" if v["parent_version"] is not None else "trained",
+                "variant": v.get("variant")
+                or ("pruned" if v["parent_version"] is not None else "trained"),
             }
             for v in variants
         ]
@@ -96,10 +98,94 @@ def tradeoff(
             text="version",
             hover_data={"size": True, "size_mb": False, key: f":{hover}"},
             labels={"latency_ms": "latency at training time (ms, batch 1)", key: name},
-            title=title or f"Size / latency / {name} (all versions, pruned variants marked)",
+            title=title or f"Size / latency / {name} (all versions, variants marked)",
         )
         .update_traces(textposition="top center")
         .update_layout(yaxis_tickformat=axis)
+    )
+
+
+def quantization(row) -> dict | None:
+    """An INT8 variant's evidence (``metrics.quantization`` of its manifest), else None."""
+    return ((row.manifest or {}).get("metrics") or {}).get("quantization")
+
+
+def variant_kind(row) -> str:
+    if quantization(row):
+        return "INT8"
+    return "pruned" if row.parent_version_id is not None else "trained"
+
+
+def parent_of(variants: list[dict], version: int) -> int | None:
+    return next((v["parent_version"] for v in variants if v["version"] == version), None)
+
+
+def quantization_panel(version: int, ev: dict, parent: int | None) -> None:
+    """An INT8 variant against its fp32 source, both run by ONNX Runtime with the same threads
+    on the same hold-out: accuracy, agreement, size, batch-1 latency and batch-32 throughput,
+    as cards and one small chart of INT8 relative to fp32."""
+    source = fmt.version(parent) if parent is not None else "its fp32 source"
+    st.markdown(
+        f"**{fmt.version(version)} is the INT8 variant of {source}**: ONNX Runtime static "
+        f"quantization ({ev.get('quant_format', 'QDQ')}, per-channel weights, calibrated on "
+        f"{ev.get('calibration_images', '?')} training images); fp32 and INT8 measured side by "
+        f"side on the same {ev['holdout_n']:,} hold-out images, {ev['threads']} threads each."
+    )
+    lat_change = ev["latency_ms_b1_int8"] / ev["latency_ms_b1_fp32"] - 1
+    change = round(-ev["accuracy_loss_points"], 2) or 0.0  # no "-0.00"
+    cols = st.columns(5)
+    cols[0].metric(
+        "INT8 accuracy",
+        fmt.percent(ev["accuracy_int8"], 2),
+        delta=f"{change:+.2f} pp vs fp32",
+        delta_color="normal" if change else "off",
+        help=f"fp32: {fmt.percent(ev['accuracy_fp32'], 2)}; an INT8 variant is refused when it "
+        f"loses more than {ev.get('max_loss_points', 0.5):g} points",
+    )
+    cols[1].metric(
+        "top-1 agreement",
+        fmt.percent(ev["agreement"], 1),
+        help=f"same top-1 class as fp32; max |Δ probability| {ev['max_abs_prob_diff']:.3f}",
+    )
+    cols[2].metric(
+        "model file",
+        fmt.size(ev["bytes_int8"]),
+        delta=f"{ev['size_ratio'] - 1:+.0%} vs {fmt.size(ev['bytes_fp32'])}",
+        delta_color="inverse",
+    )
+    cols[3].metric(
+        "latency, batch 1",
+        fmt.ms(ev["latency_ms_b1_int8"]),
+        delta=f"{lat_change:+.0%} vs {fmt.ms(ev['latency_ms_b1_fp32'])}",
+        delta_color="inverse",
+        help="median of one image at a time",
+    )
+    cols[4].metric(
+        "throughput, batch 32",
+        f"{ev['images_per_s_b32_int8']:,.0f} img/s",
+        delta=f"{ev['speedup_b32'] - 1:+.0%} vs {ev['images_per_s_b32_fp32']:,.0f}",
+    )
+    rel = pd.DataFrame(
+        [
+            {"figure": "accuracy", "INT8 / fp32": ev["accuracy_int8"] / ev["accuracy_fp32"]},
+            {"figure": "model file size", "INT8 / fp32": ev["size_ratio"]},
+            {"figure": "latency, batch 1", "INT8 / fp32": 1 + lat_change},
+            {"figure": "time per image, batch 32", "INT8 / fp32": 1 / ev["speedup_b32"]},
+        ]
+    )
+    st.plotly_chart(
+        px.bar(
+            rel,
+            x="INT8 / fp32",
+            y="figure",
+            orientation="h",
+            text_auto=".2f",
+            title=f"{fmt.version(version)} (INT8) relative to fp32 (1.0 = same; below 1: "
+            "smaller, faster)",
+        )
+        .add_vline(x=1.0, line_dash="dot")
+        .update_layout(height=260, yaxis_title="", margin={"t": 40, "b": 10}),
+        width="stretch",
     )
 
 
@@ -146,7 +232,14 @@ def body() -> None:
                 cache_root=registry.model_cache_dir(),
                 project_id=pid,
             )
-        variants = [registry.summary(v, session=s) for v in versions]
+        variants = [
+            {**registry.summary(v, session=s), "variant": variant_kind(v)} for v in versions
+        ]
+        int8 = {
+            n: (quantization(names[n]), parent_of(variants, n))
+            for n in (a, b)
+            if quantization(names[n])
+        }
         if rep.get("task") == "detection":
             config = registry.PolicyConfig.for_project(session=s, project_id=pid)
             policy = registry.evaluate_policy(rep, config)
@@ -154,10 +247,12 @@ def body() -> None:
     if rep.get("task") == "detection":
         detection_report(rep, a, b, policy, config, variants, keys)
     else:
-        classification_report(rep, a, b, variants, pid)
+        classification_report(rep, a, b, variants, pid, int8)
 
 
-def classification_report(rep: dict, a: int, b: int, variants: list[dict], pid: int) -> None:
+def classification_report(
+    rep: dict, a: int, b: int, variants: list[dict], pid: int, int8: dict | None = None
+) -> None:
     verdict = rep["verdict"]
     st.subheader(
         f"v{b} vs v{a}: {verdict} (McNemar p = {rep['mcnemar']['p_value']:.3g}, "
@@ -165,6 +260,8 @@ def classification_report(rep: dict, a: int, b: int, variants: list[dict], pid: 
     )
     st.caption(f"What this hold-out can show: {power_statement(rep['power'])}.")
     metric_table(rep, a, b)
+    for version, (evidence, parent) in (int8 or {}).items():
+        quantization_panel(version, evidence, parent)
     per = pd.DataFrame(
         [
             {"class": c, "recall delta": m["recall_delta"], "F1 delta": m["f1_delta"]}

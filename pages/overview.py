@@ -38,8 +38,27 @@ def metrics(ov: dict, detection: bool = False) -> None:
     )
 
 
+def serving(url: str | None) -> None:
+    """What the API serves in this project, on which backend and device (its /readyz)."""
+    served = analytics.api_serving(url, wb.project()["name"])
+    if served is None:
+        return
+    if not served.get("ok"):
+        st.caption(f"Serving: nothing in this project ({served.get('error', 'no model loaded')})")
+        return
+    line = f"Serving v{served['version']} on **{served['backend']}** ({served['device']})"
+    if served.get("fallback"):
+        st.warning(
+            f"{line}: not the backend asked for. {served.get('backend_note', '')}",
+            icon=":material/memory:",
+        )
+    else:
+        st.caption(f"{line}: {served.get('backend_note', '')}")
+
+
 def request_outcomes() -> None:
     url = wb.settings().api_url
+    serving(url)
     api = analytics.api_request_counts(url)
     if api is None:
         st.caption(

@@ -141,10 +141,17 @@ def body() -> None:
                     help=f"{recipe.name}: {recipe.description}. Early stopping on validation "
                     "mAP@0.5 may end sooner.",
                 )
-                kfold = 0
+                kfold, quantize = 0, False
             else:
                 epochs = st.number_input("Epochs", 1, 200, 15)
                 kfold = st.number_input("k-fold (0 = off)", 0, 10, 0)
+                quantize = st.checkbox(
+                    "INT8 variant as the candidate",
+                    help="ONNX Runtime static quantization of the trained model, registered "
+                    "as the candidate with its fp32 source as its parent; refused (the fp32 "
+                    "model stays the candidate) when it loses more than 0.5 points of "
+                    "hold-out accuracy.",
+                )
             go = st.form_submit_button("Start retrain on the worker")
         if go:
             from quarkflow_core.orchestration import start_retrain
@@ -160,7 +167,8 @@ def body() -> None:
                     api_url=wb.settings().prefect_api_url,
                     parameters={"epochs": int(epochs)}
                     if detection
-                    else {"epochs": int(epochs), "kfold": int(kfold)},
+                    else {"epochs": int(epochs), "kfold": int(kfold)}
+                    | ({"quantize": True} if quantize else {}),
                     project_id=project["id"],
                 )
             st.success(

@@ -84,11 +84,22 @@ class Settings(BaseSettings):
     user: str | None = Field(None, description="Who the CLI acts as (or pass --user).")
 
     serving_backend: str = Field(
-        "auto", description="auto (ONNX when exported, else eager) | eager | onnxruntime"
+        "auto",
+        description="auto (the GPU when CUDA is usable, else ONNX Runtime when exported, else "
+        "eager) | eager | onnxruntime | cuda (eager fp16 on the GPU; where it cannot run, the "
+        "CPU, with the reason on /readyz)",
     )
     serving_max_batch: int = Field(32, ge=1, le=1024, description="Micro-batch size limit.")
     serving_max_wait_ms: float = Field(
         1.0, ge=0.0, le=1000.0, description="Longest wait for a micro-batch to fill."
+    )
+    serving_adaptive_wait_ms: float = Field(
+        50.0,
+        ge=0.0,
+        le=1000.0,
+        description="Adaptive micro-batching: a batch waits only for requests already being "
+        "decoded, at most this long (and at most half the model's time per batch); 0 = the "
+        "fixed QF_SERVING_MAX_WAIT_MS instead.",
     )
     model_poll_s: float = Field(2.0, gt=0.0, description="How often serving checks the champion.")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted image.")
@@ -121,6 +132,13 @@ class Settings(BaseSettings):
         None,
         description="Allow unauthenticated predictions and feedback; unset = only when the "
         "server is bound to localhost.",
+    )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol's gRPC service, run by the API "
+        "server next to its REST routes, on the same address (8001, Triton's; 0 = off).",
     )
     api_url: str | None = Field(
         "http://127.0.0.1:8000", description="The serving API (the promote flow waits on it)."
@@ -193,8 +211,8 @@ class Settings(BaseSettings):
     @field_validator("serving_backend")
     @classmethod
     def _check_backend(cls, value: str) -> str:
-        if value not in {"auto", "eager", "onnxruntime"}:
-            raise ValueError(f"{value!r}: use auto, eager or onnxruntime")
+        if value not in {"auto", "eager", "onnxruntime", "cuda"}:
+            raise ValueError(f"{value!r}: use auto, eager, onnxruntime or cuda")
         return value
 
     @property

@@ -1,6 +1,7 @@
 """The retraining pipeline's steps, each a plain function the ``retrain`` flow wraps in a task:
 snapshot -> train (+ calibrate, hold-out and k-fold evaluation) -> optional prune + recover
--> export -> register as challenger with its comparison against the champion.
+-> export -> optional INT8 quantization -> register as challenger with its comparison against
+the champion.
 
 Idempotent: a run is identified by a key over the snapshot's content hash and the training
 spec; when a version with that key is registered already, the flow returns it instead of
@@ -43,6 +44,7 @@ class RetrainSpec:
     export: str | None = "onnx"
     min_epochs: int | None = None  # early stopping not before (default: 80% of epochs)
     image_size: int | None = None  # None: the architecture's (preset's, detector's) own
+    quantize: bool = False  # also an INT8 variant (ONNX Runtime, QDQ), registered as candidate
 
     def train_config(self):
         from quarkflow_core.ml.train import TrainConfig
@@ -76,8 +78,8 @@ class RetrainSpec:
 
     def key(self, snapshot_hash: str) -> str:
         spec = asdict(self)
-        for option in ("min_epochs", "image_size"):  # keys of runs from before the options
-            if spec[option] is None:  # stay the same
+        for option in ("min_epochs", "image_size", "quantize"):  # keys of runs from before
+            if spec[option] in (None, False):  # the options stay the same
                 del spec[option]
         text = json.dumps({"snapshot": snapshot_hash, "spec": spec}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -90,7 +92,7 @@ def retrain_spec(
     rest from the task's defaults. A classification project's defaults are ``RetrainSpec``'s;
     a detection project's are its default detector's recipe (``detection.models``), without
     flips (a mirrored digit is another glyph; ask for ``augment="flip"`` for natural objects),
-    and no pruning."""
+    and no pruning or quantization."""
     from quarkflow_core.projects import is_detection
 
     given = {k: v for k, v in given.items() if v is not None}
@@ -104,6 +106,11 @@ def retrain_spec(
         raise InvalidInput(
             "pruning is not offered for detectors: channel pruning of their backbones gave no "
             "real speed-up on CPU (see docs/detection.md); leave prune_ratio unset"
+        )
+    if given.get("quantize"):
+        raise InvalidInput(
+            "INT8 quantization is not offered for detectors (classifiers only); leave "
+            "quantize unset"
         )
     defaults = {
         "architecture": recipe.name,
@@ -232,6 +239,52 @@ def prune_step(
     return {"artifact_dir": str(out), "report": report}
 
 
+def quantize_step(
+    *,
+    session: Session,
+    storage: Storage,
+    artifact_dir: str,
+    snapshot_id: int,
+    out_dir: str | Path | None = None,
+    max_loss_points: float = 0.5,
+    project_id: int = DEFAULT_PROJECT_ID,
+) -> dict[str, Any]:
+    """INT8 variant of a classifier artifact (``ml.variants.quantize_artifact``): calibrated on
+    the snapshot's train split, judged on its hold-out, written next to the artifact (or to
+    ``out_dir``). Refused for detectors and when the accuracy loss exceeds
+    ``max_loss_points``."""
+    from quarkflow_core.ml.artifacts import load_artifact
+    from quarkflow_core.ml.data import load_snapshot
+    from quarkflow_core.ml.variants import quantize_artifact
+
+    manifest = json.loads((Path(artifact_dir) / "manifest.json").read_text())
+    if manifest.get("task") == "detection":
+        raise InvalidInput(
+            "INT8 quantization is not offered for detectors (classifiers only); leave "
+            "quantize unset"
+        )
+    loaded = load_artifact(artifact_dir)
+    data = load_snapshot(
+        session=session,
+        storage=storage,
+        snapshot_id=snapshot_id,
+        preset=loaded.preset,
+        project_id=project_id,
+    )
+    session.commit()  # end the read transaction before the minutes of quantizing (SQLite)
+    out = out_dir or (
+        Path(artifact_dir).parent / f"{Path(artifact_dir).name}-int8-{uuid.uuid4().hex[:6]}"
+    )
+    report, sha = quantize_artifact(
+        loaded,
+        train=data[Split.TRAIN],
+        holdout=data[Split.HOLDOUT],
+        out_dir=out,
+        max_loss_points=max_loss_points,
+    )
+    return {"artifact_dir": str(out), "report": report, "sha256": sha}
+
+
 def export_step(
     *,
     session: Session,
@@ -277,36 +330,40 @@ def register_step(
     storage: Storage,
     key: str,
     artifact_dir: str,
-    parent_dir: str | None,
+    parent_dir: str | list[str] | None,
     actor: str,
     cache_root: str | Path,
     policy: Any = None,
     project_id: int = DEFAULT_PROJECT_ID,
 ) -> dict[str, Any]:
-    """Register (the parent first when the candidate is a pruned variant), make the candidate
-    the challenger, and judge it against the champion. Idempotent."""
-    from quarkflow_core import registry
-    from quarkflow_core.ml.artifacts import add_files, verify_artifact
-
-    if parent_dir is not None:
-        if "retrain" not in verify_artifact(parent_dir):
-            add_files(parent_dir, [], retrain={"key": key, "candidate": False})
-        registry.register_version(
+    """Register (the parents first, oldest first, when the candidate is a variant: pruned,
+    INT8, or INT8 of a pruned one), make the candidate the challenger, and judge it against
+    the champion. Each variant's ``parent`` link is pointed at its registered parent (the
+    parent's manifest changed after the variant was made: its export, its ``retrain`` key).
+    Idempotent."""
+    parents = [parent_dir] if isinstance(parent_dir, str) else list(parent_dir or [])
+    parent_row = None
+    for folder in parents:
+        parent_row = _register_in_chain(
             session=session,
             storage=storage,
-            artifact_dir=parent_dir,
-            created_by=actor,
+            folder=folder,
+            key=key,
+            candidate=False,
+            parent=parent_row,
+            actor=actor,
             project_id=project_id,
         )
-    if "retrain" not in verify_artifact(artifact_dir):
-        add_files(artifact_dir, [], retrain={"key": key, "candidate": True})
-    row = registry.register_version(
+    row = _register_in_chain(
         session=session,
         storage=storage,
-        artifact_dir=artifact_dir,
-        created_by=actor,
-        as_challenger=True,
+        folder=artifact_dir,
+        key=key,
+        candidate=True,
+        parent=parent_row,
+        actor=actor,
         project_id=project_id,
+        as_challenger=True,
     )
     return judge(
         session=session,
@@ -314,6 +371,38 @@ def register_step(
         row=row,
         cache_root=cache_root,
         policy=policy,
+        project_id=project_id,
+    )
+
+
+def _register_in_chain(
+    *,
+    session: Session,
+    storage: Storage,
+    folder: str,
+    key: str,
+    candidate: bool,
+    parent: ModelVersion | None,
+    actor: str,
+    project_id: int,
+    as_challenger: bool = False,
+) -> ModelVersion:
+    from quarkflow_core import registry
+    from quarkflow_core.ml.artifacts import add_files, verify_artifact
+
+    manifest = verify_artifact(folder)
+    if "retrain" not in manifest:
+        manifest = {**manifest, "retrain": {"key": key, "candidate": candidate}}
+        add_files(folder, [], retrain=manifest["retrain"])
+    link = manifest.get("parent") or {}
+    if parent is not None and link.get("manifest_sha256") != parent.sha256:
+        add_files(folder, [], parent={**link, "manifest_sha256": parent.sha256})
+    return registry.register_version(
+        session=session,
+        storage=storage,
+        artifact_dir=folder,
+        created_by=actor,
+        as_challenger=as_challenger,
         project_id=project_id,
     )
 
@@ -400,6 +489,16 @@ def report_markdown(result: dict[str, Any]) -> str:
     ]
     if result.get("prune"):
         lines.append(f"| pruning | {result['prune']} |")
+    if result.get("quantize", {}).get("refused"):
+        lines.append(f"| INT8 (ONNX Runtime, QDQ) | refused: {result['quantize']['refused']} |")
+    elif result.get("quantize"):
+        q = result["quantize"]
+        lines.append(
+            f"| INT8 (ONNX Runtime, QDQ) | hold-out accuracy {q['accuracy_fp32']:.2%} fp32 -> "
+            f"{q['accuracy_int8']:.2%} INT8 ({q['accuracy_loss_points']:+.2f} points lost), "
+            f"agreement {q['agreement']:.2%}, size x{q['size_ratio']:.2f}, batch-1 latency "
+            f"x{1 / q['speedup_b1']:.2f}, batch-32 throughput x{q['speedup_b32']:.2f} |"
+        )
     lines += [
         "",
         "Approve or reject it in the workbench, the API or "

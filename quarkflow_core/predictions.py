@@ -12,12 +12,12 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from quarkflow_core import queue
 from quarkflow_core.errors import InvalidInput, NotFound
-from quarkflow_core.images import ImageInfo, get_image_by_sha, image_row, store_blob
+from quarkflow_core.images import ImageInfo, image_row, store_blob
 from quarkflow_core.outbox import Record
 from quarkflow_core.schema import (
     DEFAULT_PROJECT_ID,
@@ -124,61 +124,6 @@ def parse_verdict(value: str) -> Verdict:
     return parse_enum(Verdict, value, "verdict")
 
 
-def _apply_prediction(
-    session: Session, storage: Storage, record: Record, *, blobs_stored: bool
-) -> None:
-    p = record.payload
-    if session.get(Prediction, p["id"]) is not None:
-        return
-    project_id = int(p.get("project_id", DEFAULT_PROJECT_ID))
-    info = ImageInfo(**p["image"])
-    image = get_image_by_sha(session=session, sha256=info.sha256, project_id=project_id)
-    if image is None:
-        if not blobs_stored:
-            store_blob(storage, record.blob or b"", info)
-        image = image_row(info, source=p.get("source", "api"), project_id=project_id)
-        session.add(image)
-        session.flush()
-    version_id = None
-    if p.get("model_version") is not None:
-        version_id = session.scalar(
-            select(ModelVersion.id).where(
-                ModelVersion.project_id == project_id, ModelVersion.version == p["model_version"]
-            )
-        )
-    session.add(
-        Prediction(
-            id=p["id"],
-            project_id=project_id,
-            image_id=image.id,
-            model_version_id=version_id,
-            label=p["label"],
-            confidence=p["confidence"],
-            topk=p["topk"],
-            boxes=p.get("boxes"),
-            latency_ms=p["latency_ms"],
-            request_id=p.get("request_id"),
-            user_id=p.get("user_id"),
-            created_at=datetime.fromisoformat(p["created_at"]),
-        )
-    )
-    session.flush()
-    score = queue.Score(
-        version=p.get("model_version"),
-        label=p["label"],
-        confidence=p["confidence"],
-        topk=p["topk"],
-        margin=p["margin"],
-        entropy=p["entropy"],
-        unsure=bool(p.get("review")),
-        threshold=p.get("review_threshold"),
-        boxes=p.get("boxes"),
-    )
-    queue.observe(
-        session, image_id=image.id, prediction_id=p["id"], score=score, project_id=project_id
-    )
-
-
 def _apply_feedback(session: Session, record: Record) -> None:
     f = record.payload
     if session.get(Feedback, f["id"]) is not None:
@@ -220,15 +165,117 @@ def store_blobs(storage: Storage, records: list[Record]) -> int:
     return sum(store_blob(storage, blob, info) for info, blob in infos.values())
 
 
+def _apply_predictions(
+    session: Session, storage: Storage, records: list[Record], *, blobs_stored: bool
+) -> None:
+    """Many prediction records in a handful of statements, whatever their number: the ids
+    already logged, the images known, the model versions and the review items each read with
+    one query; new images, predictions and review items each written with one batched INSERT
+    (changed items in one flush). Idempotent: a record already logged (a replay after a crash
+    between the commit and the outbox's delete) is skipped."""
+    ids = [r.payload["id"] for r in records]
+    logged = set(session.scalars(select(Prediction.id).where(Prediction.id.in_(ids))))
+    todo: list[tuple[Record, int, ImageInfo]] = []
+    for record in records:
+        pid = record.payload["id"]
+        if pid in logged:
+            continue
+        logged.add(pid)  # the same record twice in one batch: once
+        project_id = int(record.payload.get("project_id", DEFAULT_PROJECT_ID))
+        todo.append((record, project_id, ImageInfo(**record.payload["image"])))
+    if not todo:
+        return
+    shas = {info.sha256 for _, _, info in todo}
+    projects = {project_id for _, project_id, _ in todo}
+    images = {
+        (row.project_id, row.sha256): row
+        for row in session.scalars(
+            select(Image).where(Image.sha256.in_(shas), Image.project_id.in_(projects))
+        )
+    }
+    new: dict[tuple[int, str], dict[str, Any]] = {}
+    for record, project_id, info in todo:
+        if (project_id, info.sha256) not in images and (project_id, info.sha256) not in new:
+            if not blobs_stored:
+                store_blob(storage, record.blob or b"", info)
+            row = image_row(info, source=record.payload.get("source", "api"), project_id=project_id)
+            new[(project_id, info.sha256)] = {
+                c.key: getattr(row, c.key)
+                for c in Image.__table__.columns
+                if c.key not in ("id", "created_at")
+            }
+    if new:  # one batched INSERT, then their ids (RETURNING would be row by row on SQLite)
+        session.execute(insert(Image), list(new.values()))
+        shas = {sha for _, sha in new}
+        for row in session.scalars(
+            select(Image).where(Image.sha256.in_(shas), Image.project_id.in_(projects))
+        ):
+            images[(row.project_id, row.sha256)] = row
+    numbers = {r.payload.get("model_version") for r, _, _ in todo} - {None}
+    versions = {
+        (project_id, number): vid
+        for vid, project_id, number in session.execute(
+            select(ModelVersion.id, ModelVersion.project_id, ModelVersion.version).where(
+                ModelVersion.project_id.in_(projects), ModelVersion.version.in_(numbers)
+            )
+        )
+    }
+    observed: dict[int, list[tuple[int, str | None, queue.Score]]] = {}
+    for record, project_id, info in todo:
+        p = record.payload
+        image = images[(project_id, info.sha256)]
+        session.add(
+            Prediction(
+                id=p["id"],
+                project_id=project_id,
+                image_id=image.id,
+                model_version_id=versions.get((project_id, p.get("model_version"))),
+                label=p["label"],
+                confidence=p["confidence"],
+                topk=p["topk"],
+                boxes=p.get("boxes"),
+                latency_ms=p["latency_ms"],
+                request_id=p.get("request_id"),
+                user_id=p.get("user_id"),
+                created_at=datetime.fromisoformat(p["created_at"]),
+            )
+        )
+        score = queue.Score(
+            version=p.get("model_version"),
+            label=p["label"],
+            confidence=p["confidence"],
+            topk=p["topk"],
+            margin=p["margin"],
+            entropy=p["entropy"],
+            unsure=bool(p.get("review")),
+            threshold=p.get("review_threshold"),
+            boxes=p.get("boxes"),
+        )
+        observed.setdefault(project_id, []).append((image.id, p["id"], score))
+    session.flush()  # the predictions, before the items that point at them
+    for project_id, observations in observed.items():
+        queue.observe_many(session, observations, project_id=project_id)
+
+
 def apply_records(
     session: Session, storage: Storage, records: list[Record], *, blobs_stored: bool = False
 ) -> None:
     """Write outbox records in the caller's transaction: each image first (unless the caller
-    did it already with ``store_blobs``), then the rows."""
-    for record in records:
-        if record.kind == PREDICTION:
-            _apply_prediction(session, storage, record, blobs_stored=blobs_stored)
-        elif record.kind == FEEDBACK:
+    did it already with ``store_blobs``), then the rows. Consecutive prediction records are
+    written together (``_apply_predictions``: a few statements per batch, not several per
+    prediction); feedback one by one, in order, so that feedback on a prediction of the same
+    batch finds it."""
+    run: list[Record] = []
+    for record in [*records, None]:
+        if record is not None and record.kind == PREDICTION:
+            run.append(record)
+            continue
+        if run:
+            _apply_predictions(session, storage, run, blobs_stored=blobs_stored)
+            run = []
+        if record is None:
+            break
+        if record.kind == FEEDBACK:
             _apply_feedback(session, record)
         else:
             raise InvalidInput(f"unknown outbox record kind {record.kind!r}")

@@ -14,8 +14,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,11 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from quarkflow_core.errors import InvalidInput, QuarkflowError
+from quarkflow_core.errors import QuarkflowError
 from quarkflow_core.ml.artifacts import LoadedModel, load_artifact
 from quarkflow_core.ml.transforms import Preprocess
 
 log = logging.getLogger("quarkflow.serving")
-BACKENDS = ("auto", "eager", "onnxruntime")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class Predictor:
     backend: Any
     backend_name: str
     review_threshold: float | None = None
+    device: str = "cpu"
+    backend_note: str | None = None  # why this backend (or why not the one asked for)
+    fallback: bool = False  # the backend asked for (or preferred) could not be used
     loaded_at: float = field(default_factory=time.time)
 
     def threshold(self, override: float | None = None) -> float:
@@ -63,21 +66,38 @@ class Predictor:
         sha256: str,
         backend: str = "auto",
         threads: int | None = None,
+        cuda: Callable[[], tuple[bool, str]] | None = None,
     ) -> Predictor:
+        """``backend``: QF_SERVING_BACKEND (``ml.backends.choose_backend`` decides; ``cuda``
+        probes the GPU, ``ml.backends.cuda_status`` by default). A GPU that cannot start the
+        model falls back to the CPU choice, with the reason in ``backend_note``."""
+        from quarkflow_core.ml.backends import (
+            BackendUnavailable,
+            TorchDeviceBackend,
+            choose_backend,
+            cuda_status,
+        )
         from quarkflow_core.ml.export import load_backend
 
-        if backend not in BACKENDS:
-            raise InvalidInput(f"unknown serving backend {backend!r}; valid: {', '.join(BACKENDS)}")
         onnx = loaded.path / "model.onnx"
-        if backend == "onnxruntime" and not onnx.is_file():
-            raise InvalidInput(
-                f"v{version} has no ONNX export; run `quarkflow export` before registering it, "
-                "or serve it with the eager backend"
-            )
-        if backend == "onnxruntime" or (backend == "auto" and onnx.is_file()):
-            runner, name = load_backend("onnxruntime", onnx, threads=threads), "onnxruntime"
-        else:
-            runner, name = load_backend("eager", loaded.model), "eager"
+        requires = (loaded.manifest.get("serving") or {}).get("requires")
+        probe = cuda or cuda_status
+        choice = choose_backend(backend, has_onnx=onnx.is_file(), requires=requires, cuda=probe)
+        runner: Any = None
+        if choice.kind == "cuda":
+            try:
+                shape = (1, loaded.preset.channels, loaded.preset.size, loaded.preset.size)
+                runner = TorchDeviceBackend(loaded.model, device="cuda", example_shape=shape)
+            except BackendUnavailable as exc:
+                log.warning("serving v%s on the CPU: %s", version, exc)
+                cpu = choose_backend(
+                    "onnxruntime" if onnx.is_file() else "eager", has_onnx=onnx.is_file()
+                )
+                choice = cpu.with_fallback(str(exc))
+        if runner is None and choice.kind == "onnxruntime":
+            runner = load_backend("onnxruntime", onnx, threads=threads)
+        elif runner is None:
+            runner = load_backend("eager", loaded.model)
         threshold = loaded.manifest.get("metrics", {}).get("review_threshold", {}).get("threshold")
         return cls(
             version=version,
@@ -86,8 +106,11 @@ class Predictor:
             preset=loaded.preset,
             temperature=float(loaded.temperature),
             backend=runner,
-            backend_name=name,
+            backend_name=choice.kind,
             review_threshold=threshold,
+            device=choice.device,
+            backend_note=choice.fallback or choice.reason,
+            fallback=choice.fallback is not None,
         )
 
     @classmethod
@@ -108,8 +131,12 @@ class Predictor:
 
     def probabilities(self, batch_uint8: np.ndarray) -> np.ndarray:
         """uint8 (N, C, H, W) -> calibrated probabilities (N, classes)."""
-        x = self.preset.normalize(torch.from_numpy(np.ascontiguousarray(batch_uint8)))
-        logits = torch.from_numpy(np.asarray(self.backend.logits(x.numpy())))
+        if getattr(self.backend, "takes_uint8", False):
+            raw = self.backend.logits_uint8(batch_uint8, self.preset.normalize)
+        else:
+            x = self.preset.normalize(torch.from_numpy(np.ascontiguousarray(batch_uint8)))
+            raw = self.backend.logits(x.numpy())
+        logits = torch.from_numpy(np.asarray(raw))
         return torch.softmax(logits / self.temperature, 1).numpy()
 
     def warm_up(self, runs: int = 3) -> None:
@@ -122,6 +149,8 @@ class Predictor:
             "version": self.version,
             "sha256": self.sha256,
             "backend": self.backend_name,
+            "device": self.device,
+            "backend_note": self.backend_note,
             "classes": self.classes,
             "preset": self.preset.name,
         }
@@ -180,10 +209,26 @@ class _Job:
     future: Future
 
 
+class _Announced:
+    """Requests announced to a ``MicroBatcher`` (``coming``) and not yet submitted."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+
 class MicroBatcher:
-    """Collects concurrent requests into batches: up to ``max_batch`` items, waiting at most
-    ``max_wait_ms`` after the first one. Items are grouped by the predictor they were
-    preprocessed for, so a swap never mixes models inside a batch."""
+    """Collects concurrent requests into batches of up to ``max_batch`` items. Items are
+    grouped by the predictor they were preprocessed for, so a swap never mixes models inside a
+    batch.
+
+    How long a batch waits to fill: with ``adaptive_wait_ms`` 0, a fixed ``max_wait_ms`` after
+    its first item. Adaptive (``adaptive_wait_ms`` > 0): the batcher waits only while more
+    requests are known to be on their way (announced with ``coming`` while they are decoded,
+    not yet submitted), and at most ``adaptive_wait_ms`` or half the model's recent time per
+    batch, whichever is less. A lone request runs at once (no blind wait); on a busy server a
+    batch takes in the requests that were being decoded while the previous batch ran, instead
+    of leaving them for a small batch of their own. Waiting costs little there: the cores the
+    model leaves idle meanwhile are decoding those very requests."""
 
     def __init__(
         self,
@@ -191,10 +236,15 @@ class MicroBatcher:
         max_batch: int = 32,
         max_wait_ms: float = 1.0,
         on_batch: Callable[[int], None] | None = None,
+        adaptive_wait_ms: float = 0.0,
     ) -> None:
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
+        self.adaptive_s = max(0.0, adaptive_wait_ms) / 1000.0
         self.on_batch = on_batch
+        self.run_s: float | None = None  # moving average of the model's time per batch
+        self._coming = 0  # announced (``coming``), not yet submitted
+        self._lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -209,28 +259,57 @@ class MicroBatcher:
             self._thread.join(timeout=10)
             self._thread = None
 
-    def submit(self, array: np.ndarray, predictor: Predictor) -> Future:
+    @contextmanager
+    def coming(self, n: int = 1) -> Iterator[_Announced]:
+        """Announce ``n`` requests being prepared (decoded) for this batcher; pass what this
+        yields to ``submit`` as ``announced``. Those not submitted when the block ends (a bad
+        upload) are counted off then."""
+        announced = _Announced(max(0, n))
+        with self._lock:
+            self._coming += announced.left
+        try:
+            yield announced
+        finally:
+            with self._lock:
+                self._coming -= announced.left
+                announced.left = 0
+
+    def submit(
+        self, array: np.ndarray, predictor: Predictor, *, announced: _Announced | None = None
+    ) -> Future:
         fut: Future = Future()
+        if announced is not None and announced.left > 0:
+            with self._lock:
+                self._coming -= 1
+                announced.left -= 1
         if self._thread is None:  # not started: run inline (batch flow, evaluation)
             fut.set_result(predictor.probabilities(array[None])[0])
             return fut
         self._queue.put(_Job(array, predictor, fut))
         return fut
 
+    def _deadline(self, start: float) -> float:
+        if not self.adaptive_s:
+            return start + self.max_wait_s
+        cap = self.adaptive_s if self.run_s is None else min(self.adaptive_s, self.run_s / 2)
+        return start + cap
+
     def _collect(self, first: _Job) -> list[_Job]:
         jobs = [first]
-        deadline = time.perf_counter() + self.max_wait_s
+        deadline = self._deadline(time.perf_counter())
         while len(jobs) < self.max_batch:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or (self.adaptive_s and self._coming <= 0):
                     break
-                try:
-                    job = self._queue.get(timeout=remaining)
+                try:  # adaptive: look again every 2 ms whether more are still coming
+                    job = self._queue.get(
+                        timeout=min(remaining, 0.002) if self.adaptive_s else remaining
+                    )
                 except queue.Empty:
-                    break
+                    continue
             if job is None:
                 self._queue.put(None)
                 break
@@ -247,13 +326,18 @@ class MicroBatcher:
             for job in jobs:
                 groups.setdefault(id(job.predictor), []).append(job)
             for group in groups.values():
+                started = time.perf_counter()
                 try:
                     probs = group[0].predictor.probabilities(np.stack([j.array for j in group]))
                     for job, row in zip(group, probs, strict=True):
-                        job.future.set_result(row)
+                        if not job.future.done():  # a waiter may have given up (cancelled)
+                            job.future.set_result(row)
                 except Exception as exc:  # handed to every waiting request
                     for job in group:
-                        job.future.set_exception(exc)
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                took = time.perf_counter() - started
+                self.run_s = took if self.run_s is None else 0.8 * self.run_s + 0.2 * took
                 if self.on_batch:
                     self.on_batch(len(group))
 

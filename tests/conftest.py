@@ -44,6 +44,7 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[No
         if key.startswith("QF_") and not key.startswith("QF_TEST_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("QF_DATA_DIR", str(tmp_path / "qfdata"))
+    monkeypatch.setenv("QF_GRPC_PORT", "0")  # no app a test starts takes gRPC's port 8001
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

@@ -92,6 +92,11 @@ def test_ml_lead_approves_in_the_browser_and_serving_follows(stack):
         # request outcomes come from the API's Prometheus metrics: 20 predictions succeeded
         page.get_by_text("API requests since it started").wait_for(timeout=30_000)
         assert "succeeded" in page.get_by_text("API requests since it started").inner_text()
+        # what the API serves, on which backend and device, from its /readyz
+        served = httpx.get(stack["api"] + "/readyz").json()["checks"]["model"]
+        line = page.get_by_text("Serving v1 on").inner_text()
+        assert served["backend"] in line and served["device"] in line, line
+        page.screenshot(path=str(shots / "overview.png"), full_page=True)  # now drawn whole
         _open(page, "Predictions", "predictions match", shots, "predictions")
         _open(page, "Review queue", "Review queue", shots, "review")
         _open(page, "Datasets", "Images per class", shots, "datasets")

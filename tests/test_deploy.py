@@ -303,11 +303,14 @@ def test_runtime_requirements_are_closed_and_cover_every_import():
     assert imported <= runtime.keys(), (
         f"imported but not in requirements.txt: {imported - runtime.keys()}"
     )
-    # needed without an import statement: the server, the Postgres drivers, form uploads, the
-    # Kubernetes worker type, torch.onnx's exporter, torchmetrics' mAP backend
+    # needed without an import statement: the server (and the event loop and HTTP parser
+    # `quarkflow serve` names), the Postgres drivers, form uploads, the Kubernetes worker type,
+    # torch.onnx's exporter, torchmetrics' mAP backend
     imported |= {
         "faster-coco-eval",
         "uvicorn",
+        "uvloop",
+        "httptools",
         "psycopg2-binary",
         "asyncpg",
         "python-multipart",

@@ -3,7 +3,9 @@ Gradio demo, wired together. Routes live in one module per resource.
 
 The project-scoped routers are mounted twice, with the same routes: at ``/api/v1`` (the
 default project, the paths from before projects) and at ``/api/v1/projects/{project}``;
-``deps.CurrentProject`` tells a route which project it works in."""
+``deps.CurrentProject`` tells a route which project it works in. The Open Inference
+Protocol's REST paths (``v2``, under ``/v2``) are one more router; its gRPC side
+(``oip_grpc``) starts and stops with the lifespan, on ``QF_GRPC_PORT`` (0: off)."""
 
 from contextlib import asynccontextmanager
 
@@ -18,6 +20,7 @@ from app.api import (
     projects,
     review,
     users,
+    v2,
     webhooks,
 )
 from app.api.deps import project_path
@@ -31,7 +34,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 # in this order: it is the order of the OpenAPI paths, and of matching. The project-scoped
 # ones: under API_PREFIX (the default project), then again under PROJECT_PREFIX after the rest.
-ROUTERS = (ops, predictions, feedback, review, images, webhooks, models, users, projects)
+ROUTERS = (ops, predictions, feedback, review, images, webhooks, models, users, projects, v2)
 PROJECT_SCOPED = (predictions, feedback, review, images, webhooks, models)
 API_PREFIX = "/api/v1"
 PROJECT_PREFIX = "/api/v1/projects/{project}"
@@ -54,9 +57,25 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         service.start(watch=watch)
+        grpc_server = None
         try:
+            if settings.grpc_port:  # the Open Inference Protocol's gRPC side (app/api/oip_grpc.py)
+                from app.api.oip_grpc import start_grpc
+
+                grpc_server = start_grpc(
+                    service,
+                    settings,
+                    # app.main's workers are not told uvicorn's address: every address
+                    host=host or "0.0.0.0",  # noqa: S104
+                    anonymous=anonymous,
+                    reuse_port=host is None,  # its workers share the port
+                )
             yield
         finally:
+            if grpc_server is not None:
+                from app.api.oip_grpc import stop_grpc
+
+                stop_grpc(grpc_server)
             service.stop()
 
     app = FastAPI(

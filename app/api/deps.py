@@ -38,13 +38,22 @@ AppSettings = Annotated[Settings, Depends(app_settings)]
 def principal(request: Request) -> Principal:
     """Who is calling: the bearer token's user, or the anonymous demo user where the app
     allows it (``app.state.anonymous``)."""
-    header = request.headers.get("authorization")
+    return principal_from(
+        request.headers.get("authorization"),
+        service=request.app.state.service,
+        anonymous=request.app.state.anonymous,
+    )
+
+
+def principal_from(header: str | None, *, service: PredictionService, anonymous: bool) -> Principal:
+    """``principal`` for any transport that carries an ``authorization`` header (gRPC's
+    metadata too, ``app/api/oip_grpc.py``)."""
     if header:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationFailed("use the header 'Authorization: Bearer <token>'")
-        return request.app.state.service.authenticate(token.strip())
-    if request.app.state.anonymous:
+        return service.authenticate(token.strip())
+    if anonymous:
         return ANONYMOUS
     raise AuthenticationFailed(
         "authentication required: send 'Authorization: Bearer <token>' "

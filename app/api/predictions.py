@@ -9,15 +9,16 @@ from app.api.schemas import ERRORS, BatchOut, PredictionId, PredictionOut
 router = APIRouter()
 
 
-def read_upload(upload: UploadFile, limit: int) -> tuple[bytes, str | None]:
+async def read_upload(upload: UploadFile, limit: int) -> tuple[bytes, str | None]:
     """The upload's first ``limit + 1`` bytes (one past, so the service can tell it is too
-    large) and its declared content type."""
-    data = upload.file.read(limit + 1)
+    large) and its declared content type. The multipart body was parsed once, by the route's
+    ``File`` parameter; an upload spooled to disk is read in a worker thread."""
+    data = await upload.read(limit + 1)
     return data, upload.content_type
 
 
 @router.post("/predictions", response_model=PredictionOut, tags=["predictions"], responses=ERRORS)
-def predict(
+async def predict(
     who: Who,
     project: CurrentProject,
     request: Request,
@@ -27,16 +28,13 @@ def predict(
 ) -> dict:
     """Predict one image (multipart field `file`). Logged durably before the answer."""
     rid = request_id(request)
-    return service.predict(
-        [read_upload(file, settings.max_upload_bytes)],
-        principal=who,
-        request_id=rid,
-        project_id=project.id,
-    )[0]
+    uploads = [await read_upload(file, settings.max_upload_bytes)]
+    out = await service.predict_async(uploads, principal=who, request_id=rid, project_id=project.id)
+    return out[0]
 
 
 @router.post("/predictions/batch", response_model=BatchOut, tags=["predictions"], responses=ERRORS)
-def predict_batch(
+async def predict_batch(
     who: Who,
     project: CurrentProject,
     request: Request,
@@ -46,9 +44,9 @@ def predict_batch(
 ) -> dict:
     """Predict several images (repeat the multipart field `files`). All or nothing."""
     rid = request.headers.get("x-request-id")
-    uploads = [read_upload(f, settings.max_upload_bytes) for f in files]
+    uploads = [await read_upload(f, settings.max_upload_bytes) for f in files]
     return {
-        "predictions": service.predict(
+        "predictions": await service.predict_async(
             uploads, principal=who, request_id=rid, project_id=project.id
         )
     }

@@ -132,6 +132,12 @@ class RetrainIn(BaseModel):
     )
     kfold: int = Field(0, ge=0, le=20)
     prune_ratio: float | None = Field(None, gt=0.0, lt=1.0)
+    quantize: bool = Field(
+        False,
+        description="Also make an INT8 variant (ONNX Runtime, QDQ) and register it as the "
+        "candidate (classifiers only); one losing more than 0.5 points of hold-out accuracy "
+        "is refused and the fp32 model is the candidate.",
+    )
 
 
 # --------------------------------------------------------------------------- users

@@ -44,6 +44,7 @@ COMMANDS = (
     ("evaluate", ml.evaluate),
     ("compare", ml.compare_cmd),
     ("prune", ml.prune_cmd),
+    ("quantize", ml.quantize_cmd),
     ("export", ml.export_cmd),
     ("demo-bootstrap", models.demo_bootstrap),
     ("serve", serve.serve),

@@ -1,5 +1,5 @@
-"""Training and model files: `train`, `models-zoo`, `evaluate`, `compare`, `prune`, `export`,
-`retrain`.
+"""Training and model files: `train`, `models-zoo`, `evaluate`, `compare`, `prune`,
+`quantize`, `export`, `retrain`.
 
 Top-level commands are registered (in `quarkflow --help` order) by app/cli/__init__.py. They
 work in the `quarkflow --project NAME` project (default: `default`): its snapshots, its runs."""
@@ -244,11 +244,17 @@ def evaluate(
 
     from quarkflow_core.ml.artifacts import load_artifact
     from quarkflow_core.ml.evaluate import evaluate_model
+    from quarkflow_core.ml.quantize import evaluate_int8, requires_onnxruntime
 
     loaded = load_artifact(artifact)
     with _session() as session:
         snap_id, holdout = _holdout(session, snapshot, loaded.preset)
-    report = evaluate_model(loaded.model, holdout, loaded.preset, temperature=loaded.temperature)
+    if requires_onnxruntime(loaded.manifest):  # an INT8 variant: its INT8 graph, not weights.pt
+        report = evaluate_int8(loaded, holdout)
+    else:
+        report = evaluate_model(
+            loaded.model, holdout, loaded.preset, temperature=loaded.temperature
+        )
     _print_kv(
         f"{loaded.architecture} on hold-out of snapshot {snap_id} (n={report['n']})",
         {
@@ -280,7 +286,7 @@ def compare_cmd(
 
     from quarkflow_core.ml.artifacts import load_artifact
     from quarkflow_core.ml.compare import compare
-    from quarkflow_core.ml.evaluate import measure_latency, predict_proba
+    from quarkflow_core.ml.quantize import requires_onnxruntime, served_latency_ms, served_proba
 
     la, lb = load_artifact(a), load_artifact(b)
     if la.classes != lb.classes:
@@ -291,16 +297,19 @@ def compare_cmd(
     if hold_a.ids != hold_b.ids:
         raise typer.BadParameter("hold-out items differ between the two presets")
 
+    # an INT8 variant is scored and timed on its INT8 graph; then both sides on ONNX Runtime
+    onnx = requires_onnxruntime(la.manifest) or requires_onnxruntime(lb.manifest)
+
     def meta(m):
         return {
             "size_bytes": sum(f["size"] for f in m.manifest["files"].values()),
-            "latency_ms": measure_latency(m.model, m.preset)["median_ms"],
+            "latency_ms": served_latency_ms(m, onnx=onnx),
         }
 
     report = compare(
         hold_a.labels,
-        predict_proba(la.model, hold_a.images, la.preset, temperature=la.temperature),
-        predict_proba(lb.model, hold_b.images, lb.preset, temperature=lb.temperature),
+        served_proba(la, hold_a.images),
+        served_proba(lb, hold_b.images),
         la.classes,
         meta_a=meta(la),
         meta_b=meta(lb),
@@ -364,6 +373,56 @@ def prune_cmd(
     console.print(f"pruned artifact: {out}  (manifest sha256 {sha[:12]}…)")
 
 
+def quantize_cmd(
+    artifact: Path = typer.Argument(..., help="Classifier artifact folder to quantize."),
+    out: Path = typer.Option(..., help="Folder for the INT8 artifact."),
+    max_loss: float = typer.Option(
+        0.5, help="Refuse when hold-out accuracy drops by more than this many points."
+    ),
+    snapshot: int | None = typer.Option(
+        None, help="Snapshot: calibration on its train split, evidence on its hold-out."
+    ),
+) -> None:
+    """INT8 variant (ONNX Runtime static quantization, QDQ, calibrated on training images):
+    accuracy, agreement, size and latency against fp32 on the hold-out; a new artifact."""
+    from quarkflow_core.pipeline import quantize_step
+    from quarkflow_core.storage import get_storage
+    from quarkflow_core.training_runs import default_snapshot_id
+
+    with _session() as session:
+        pid = project_id(session)
+        with console.status("quantizing to INT8 and measuring against fp32…"):
+            result = quantize_step(
+                session=session,
+                storage=get_storage(),
+                artifact_dir=str(artifact),
+                snapshot_id=snapshot or default_snapshot_id(session=session, project_id=pid),
+                out_dir=out,
+                max_loss_points=max_loss,
+                project_id=pid,
+            )
+    report = result["report"]
+    _print_kv(
+        "INT8 (ONNX Runtime, QDQ) against fp32 on the hold-out",
+        {
+            "accuracy fp32": report["accuracy_fp32"],
+            "accuracy INT8": report["accuracy_int8"],
+            "loss (points)": report["accuracy_loss_points"],
+            "top-1 agreement": report["agreement"],
+            "max |Δ prob|": report["max_abs_prob_diff"],
+            "bytes fp32 / INT8": f"{report['bytes_fp32']:,} / {report['bytes_int8']:,}",
+            "size ratio": report["size_ratio"],
+            f"batch-1 ms fp32 / INT8 ({report['threads']} threads)": (
+                f"{report['latency_ms_b1_fp32']:.3f} / {report['latency_ms_b1_int8']:.3f}"
+            ),
+            "batch-32 img/s fp32 / INT8": (
+                f"{report['images_per_s_b32_fp32']:.0f} / {report['images_per_s_b32_int8']:.0f}"
+            ),
+        },
+    )
+    console.print(f"INT8 artifact: {out}  (manifest sha256 {result['sha256'][:12]}…)")
+
+
 def export_cmd(
     artifact: Path = typer.Argument(..., help="Artifact folder (not yet registered)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript | all"),
@@ -423,6 +482,11 @@ def retrain_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     kfold: int = typer.Option(0, help="Also run stratified k-fold CV on the train split."),
     prune_ratio: float | None = typer.Option(None, help="Also prune the candidate."),
+    quantize: bool = typer.Option(
+        False,
+        "--quantize",
+        help="Also make an INT8 variant and register it as the candidate (classifiers).",
+    ),
     deployment: bool = typer.Option(
         False, help="Start the `retrain` deployment on the worker instead of running here."
     ),
@@ -444,6 +508,7 @@ def retrain_cmd(
         "device": device,
         "kfold": kfold,
         "prune_ratio": prune_ratio,
+        "quantize": quantize or None,
     }
     with _session() as session:  # a bad option fails here, not on the worker
         spec = retrain_spec(session=session, project_id=project_id(session), **params)

@@ -15,8 +15,15 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Bind address (0.0.0.0 for a server)."),
     port: int = typer.Option(8000),
     workers: int = typer.Option(1, help="Uvicorn worker processes."),
+    grpc_port: int | None = typer.Option(
+        None,
+        min=0,
+        max=65535,
+        help="Open Inference Protocol gRPC port (default QF_GRPC_PORT, 8001; 0 = off).",
+    ),
 ) -> None:
-    """Run the REST API (+ OpenAPI at /docs), the Gradio demo at /demo, /metrics, /readyz.
+    """Run the REST API (+ OpenAPI at /docs), the Gradio demo at /demo, /metrics, /readyz,
+    and the Open Inference Protocol (REST /v2, gRPC on --grpc-port).
 
     One server serves every project (each project's champion, its own paths); ``--project``
     does not apply."""
@@ -25,16 +32,37 @@ def serve(
     from quarkflow_core.database import check_database, get_engine
 
     settings = _settings()
+    if grpc_port is not None:
+        if workers > 1:  # the workers build their app from QF_* settings (app.main)
+            raise typer.BadParameter("with --workers > 1 set QF_GRPC_PORT instead")
+        settings = settings.model_copy(update={"grpc_port": grpc_port})
     check_database(get_engine(settings.database_url))
     console.print(
         f"Quarkflow API on http://{host}:{port}  (docs /docs, demo /demo, metrics /metrics)"
     )
+    if settings.grpc_port:
+        console.print(f"Open Inference Protocol: REST /v2, gRPC on {host}:{settings.grpc_port}")
     if workers > 1:
-        uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="warning")
+        uvicorn.run(
+            "app.main:app",
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+            loop="uvloop",  # uvloop + httptools (pinned): less of the cores spent on HTTP
+            http="httptools",
+        )
     else:
         from app.api import create_app
 
-        uvicorn.run(create_app(settings, host=host), host=host, port=port, log_level="warning")
+        uvicorn.run(
+            create_app(settings, host=host),
+            host=host,
+            port=port,
+            log_level="warning",
+            loop="uvloop",
+            http="httptools",
+        )
 
 
 def workbench(

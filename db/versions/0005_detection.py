@@ -79,7 +79,9 @@ def downgrade() -> None:
     else:
         for table, column in BOX_COLUMNS:
             op.drop_column(table, column)
-    n = op.get_bind().execute(sa.text("SELECT count(*) FROM projects WHERE task_type = 'detection'"))
+    n = op.get_bind().execute(
+        sa.text("SELECT count(*) FROM projects WHERE task_type = 'detection'")
+    )
     if n.scalar():
         raise RuntimeError("detection projects exist; a schema before 0005 cannot hold them")
     _set_types(NEW_TYPES, OLD_TYPES)

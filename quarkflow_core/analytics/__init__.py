@@ -10,13 +10,14 @@ training runs or versions (a ``Filters.model_version`` is the project's own vers
 One kind of reader per module: ``filters`` (``Filters``, shared by all queries),
 ``monitoring`` (``overview``, ``confidence_histogram``, ``class_distribution``, ``drift``),
 ``listings`` (predictions, feedback, training runs, snapshot diffs), ``api_metrics``
-(``api_request_counts``, from the API's /metrics rather than the database). Callers import from
+(``api_request_counts`` and ``api_serving``, from the API's /metrics and /readyz rather
+than the database). Callers import from
 ``quarkflow_core.analytics``.
 """
 
 from __future__ import annotations
 
-from quarkflow_core.analytics.api_metrics import api_request_counts
+from quarkflow_core.analytics.api_metrics import api_request_counts, api_serving
 from quarkflow_core.analytics.filters import Filters
 from quarkflow_core.analytics.listings import (
     count_predictions,
@@ -38,6 +39,7 @@ __all__ = [
     "BUCKETS",
     "Filters",
     "api_request_counts",
+    "api_serving",
     "class_distribution",
     "confidence_histogram",
     "count_predictions",

@@ -40,3 +40,21 @@ def api_request_counts(api_url: str | None, timeout_s: float = 2.0) -> dict[str,
             route = sample.labels.get("route", "?")
             out["by_route"][route] = out["by_route"].get(route, 0) + int(sample.value)
     return out
+
+
+def api_serving(api_url: str | None, project: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """What the API serves in ``project`` (by name), from its ``/readyz``: version, backend,
+    device, why that backend (``backend_note``), ``fallback`` when the backend asked for could
+    not be used; ``{"ok": False, "error": ...}`` when it serves nothing there. None when the API
+    is unreachable."""
+    import httpx
+
+    if not api_url:
+        return None
+    try:
+        report = httpx.get(api_url.rstrip("/") + "/readyz", timeout=timeout_s).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    checks = report.get("checks", {}) if isinstance(report, dict) else {}
+    entry = checks.get("projects", {}).get(project)
+    return entry if isinstance(entry, dict) else None

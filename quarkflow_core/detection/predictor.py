@@ -29,6 +29,7 @@ BACKENDS = {
     "eager": "eager",
     "onnx": "onnxruntime",
     "onnxruntime": "onnxruntime",
+    "cuda": "cuda",
 }
 
 
@@ -42,9 +43,12 @@ class DetectionPredictor:
     classes: list[str]
     score_threshold: float
     image_size: int
-    backend_name: str  # "eager" | "onnxruntime"
-    runner: Any  # nn.Module (eager) or export.OnnxDetector
+    backend_name: str  # "eager" | "onnxruntime" | "cuda"
+    runner: Any  # nn.Module (eager, cuda) or export.OnnxDetector
     score_floor: float = SCORE_FLOOR
+    device: str = "cpu"
+    backend_note: str | None = None  # why this backend (or why not the one asked for)
+    fallback: bool = False
     loaded_at: float = field(default_factory=time.time)
     task: str = "detection"
     # one request at a time through the model: torch modules and onnxruntime sessions are
@@ -61,6 +65,7 @@ class DetectionPredictor:
         sha256: str | None = None,
         backend: str = "torch",
         threads: int | None = None,
+        cuda: Any = None,
     ) -> DetectionPredictor:
         from quarkflow_core.detection.export import ONNX_FILE, OnnxDetector
 
@@ -68,20 +73,32 @@ class DetectionPredictor:
             raise InvalidInput(
                 f"unknown serving backend {backend!r}; valid: {', '.join(sorted(BACKENDS))}"
             )
-        kind = BACKENDS[backend]
+        from quarkflow_core.ml.backends import choose_backend, cuda_status
+
         onnx = loaded.path / ONNX_FILE
-        if kind == "onnxruntime" and not onnx.is_file():
+        if BACKENDS[backend] == "onnxruntime" and not onnx.is_file():
             raise InvalidInput(
                 f"{loaded.path} has no ONNX export; export it first "
                 "(detection.export.export_detector_onnx) or serve it with the torch backend"
             )
-        if kind == "onnxruntime" or (kind == "auto" and onnx.is_file()):
+        probe = cuda or cuda_status
+        choice = choose_backend(BACKENDS[backend], has_onnx=onnx.is_file(), cuda=probe)
+        runner: Any = None
+        if choice.kind == "cuda":
+            try:
+                runner = loaded.model.to("cuda").eval()
+            except Exception as exc:  # a GPU that cannot take the model: serve on the CPU
+                cpu = choose_backend("onnxruntime" if onnx.is_file() else "eager", has_onnx=True)
+                choice = cpu.with_fallback(
+                    f"the detector did not start on CUDA: {type(exc).__name__}: {exc}"[:400]
+                )
+        if runner is None and choice.kind == "onnxruntime":
             if "onnx" not in loaded.manifest.get("exports", {}):
                 raise InvalidInput(f"{onnx} is not recorded in the manifest; it is not served")
-            runner: Any = OnnxDetector(onnx, threads=threads)
-            name = "onnxruntime"
-        else:
-            runner, name = loaded.model.cpu().eval(), "eager"
+            runner = OnnxDetector(onnx, threads=threads)
+        elif runner is None:
+            runner = loaded.model.cpu().eval()
+        name = choice.kind
         return cls(
             version=version,
             sha256=sha256,
@@ -91,6 +108,9 @@ class DetectionPredictor:
             image_size=loaded.image_size,
             backend_name=name,
             runner=runner,
+            device="cuda" if name == "cuda" else "cpu",
+            backend_note=choice.fallback or choice.reason,
+            fallback=choice.fallback is not None,
         )
 
     @classmethod
@@ -118,7 +138,7 @@ class DetectionPredictor:
                 return self.runner.run(image, score_floor=self.score_floor)
             from quarkflow_core.detection.train import detect
 
-            return detect(self.runner, [image], device="cpu", score_floor=self.score_floor)[0]
+            return detect(self.runner, [image], device=self.device, score_floor=self.score_floor)[0]
 
     def predict_array(self, image: np.ndarray) -> list[dict[str, Any]]:
         """[{"label", "score", "box": [x1, y1, x2, y2]}] in the image's pixels, scores
@@ -160,6 +180,8 @@ class DetectionPredictor:
             "sha256": self.sha256,
             "architecture": self.architecture,
             "backend": self.backend_name,
+            "device": self.device,
+            "backend_note": self.backend_note,
             "classes": self.classes,
             "score_threshold": self.score_threshold,
             "image_size": self.image_size,

@@ -16,7 +16,9 @@ log = logging.getLogger("quarkflow.outbox")
 
 
 class Flusher:
-    """Drains the outbox with ``apply(records)`` (one database transaction per call).
+    """Drains the outbox with ``apply(records)`` (one database transaction per call, up to
+    ``batch`` records; after a part batch it waits ``linger_s`` for more to gather) and deletes
+    what was applied in one outbox transaction.
 
     ``is_transient(exc)`` tells an outage (True: keep every record, retry the batch after a
     capped exponential backoff, for as long as it takes) from a record fault (False: that record
@@ -31,6 +33,7 @@ class Flusher:
         is_transient: Callable[[BaseException], bool],
         batch: int = 200,
         idle_s: float = 0.2,
+        linger_s: float = 0.1,
         max_backoff_s: float = 10.0,
         max_attempts: int = 8,
         max_record_pause_s: float = 300.0,
@@ -40,6 +43,7 @@ class Flusher:
         self.is_transient = is_transient
         self.batch = batch
         self.idle_s = idle_s
+        self.linger_s = linger_s
         self.max_backoff_s = max_backoff_s
         self.max_attempts = max_attempts
         self.max_record_pause_s = max_record_pause_s
@@ -138,6 +142,11 @@ class Flusher:
                 if n == 0:
                     self.outbox.wakeup.wait(self.idle_s)
                     self.outbox.wakeup.clear()
+                elif n < self.batch and self.linger_s > 0:
+                    # a part batch: let more records gather, so that a busy server flushes
+                    # them in few large transactions instead of many small ones (they are
+                    # already durable in the outbox; only their arrival in the database waits)
+                    self._stop.wait(self.linger_s)
             except BaseException as exc:  # an outage: keep the records, retry
                 self.last_error = f"{type(exc).__name__}: {exc}"[:500]
                 if self.failing_since is None:

@@ -179,10 +179,21 @@ class Outbox:
         return [Record(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
 
     def remove(self, ids: list[int]) -> None:
+        """Delete flushed records: one transaction, one statement per 500 ids (one commit
+        for a whole flushed batch, not one per record)."""
         if not ids:
             return
         with self._lock:
-            self._conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(ids), 500):
+                    chunk = list(ids[start : start + 500])
+                    marks = ",".join("?" * len(chunk))
+                    self._conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
 
     def failed(
         self, record: Record, error: str, *, max_attempts: int, retry_in_s: float = 0.0

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import or_, select
+from sqlalchemy import insert, or_, select
 from sqlalchemy.orm import Session
 
 from quarkflow_core.schema import (
@@ -126,6 +126,49 @@ def observe(
         _apply_score(item, score, prediction_id=prediction_id)
     session.flush()
     return item
+
+
+def observe_many(
+    session: Session,
+    observations: Sequence[tuple[int, str | None, Score]],
+    *,
+    project_id: int = DEFAULT_PROJECT_ID,
+) -> None:
+    """``observe`` for many new predictions of a project's images at once, in order
+    (``(image_id, prediction_id, score)`` each; the same image may come more than once): one
+    query for the images' items, one batched INSERT for the new ones, and the changed ones
+    updated in the session's next flush (the outbox flusher's batches)."""
+    if not observations:
+        return
+    image_ids = {image_id for image_id, _, _ in observations}
+    items = {
+        item.image_id: item
+        for item in session.scalars(
+            select(ReviewItem).where(*items_of(project_id), ReviewItem.image_id.in_(image_ids))
+        )
+    }
+    new: dict[int, ReviewItem] = {}  # built here, inserted together below
+    for image_id, prediction_id, score in observations:
+        item = items.get(image_id)
+        if item is None:
+            if not score.unsure:
+                continue
+            item = ReviewItem(
+                project_id=project_id,
+                image_id=image_id,
+                reason=ReviewReason.LOW_CONFIDENCE,
+                state=ReviewState.OPEN,
+            )
+            items[image_id] = new[image_id] = item
+        if item.state in (*RESCORED_STATES, ReviewState.DISPUTED):
+            _apply_score(item, score, prediction_id=prediction_id)
+    if new:
+        columns = [c.key for c in ReviewItem.__table__.columns if c.key not in _GENERATED]
+        rows = [{key: getattr(item, key) for key in columns} for item in new.values()]
+        session.execute(insert(ReviewItem), rows)
+
+
+_GENERATED = ("id", "created_at", "updated_at")  # the database's or the column default's
 
 
 def item_to_settle(

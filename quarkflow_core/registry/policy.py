@@ -231,7 +231,7 @@ def compare_versions(
     ``n``, ``power``). Both versions and the snapshot must be the project's."""
     from quarkflow_core.datasets import get_snapshot
     from quarkflow_core.ml.compare import REPORT_FORMAT, compare
-    from quarkflow_core.ml.evaluate import measure_latency, predict_proba
+    from quarkflow_core.ml.quantize import requires_onnxruntime, served_latency_ms, served_proba
     from quarkflow_core.training_runs import default_snapshot_id, load_holdout
 
     in_project(a, project_id)
@@ -291,17 +291,20 @@ def compare_versions(
             f"{list(a.classes)}; compare on a snapshot with the models' classes"
         )
 
+    # an INT8 variant runs on ONNX Runtime only: then both are timed there (when they can be)
+    onnx = requires_onnxruntime(la.manifest) or requires_onnxruntime(lb.manifest)
+
     def meta(row: ModelVersion, loaded: Any) -> dict[str, Any]:
         return {
             "size_bytes": row.size_bytes,
-            "latency_ms": measure_latency(loaded.model, loaded.preset)["median_ms"],
+            "latency_ms": served_latency_ms(loaded, onnx=onnx),
         }
 
     meta_a, meta_b = meta(a, la), meta(b, lb)
     report = compare(
         hold_a.labels,
-        predict_proba(la.model, hold_a.images, la.preset, temperature=la.temperature),
-        predict_proba(lb.model, hold_b.images, lb.preset, temperature=lb.temperature),
+        served_proba(la, hold_a.images),  # an INT8 variant is scored on its INT8 graph
+        served_proba(lb, hold_b.images),
         list(a.classes),
         meta_a=meta_a,
         meta_b=meta_b,
@@ -347,6 +350,7 @@ def _pruning_tradeoff(session: Session, row: ModelVersion) -> dict[str, Any]:
             "latency_ms_batch1": v.metrics.get("latency_ms_batch1"),
             "size_bytes": v.size_bytes,
             "pruning": v.manifest.get("metrics", {}).get("pruning"),
+            "quantization": v.manifest.get("metrics", {}).get("quantization"),
         }
         for v in session.scalars(
             select(ModelVersion).where(
@@ -354,7 +358,14 @@ def _pruning_tradeoff(session: Session, row: ModelVersion) -> dict[str, Any]:
             )
         )
     ]
-    return {"candidate_is_pruned": own is not None, "candidate": own, "variants": variants}
+    int8 = row.manifest.get("metrics", {}).get("quantization")
+    return {
+        "candidate_is_pruned": own is not None,
+        "candidate": own,
+        "candidate_is_int8": int8 is not None,
+        "candidate_quantization": int8,  # fp32 vs INT8 on the hold-out, same runtime
+        "variants": variants,
+    }
 
 
 def propose(

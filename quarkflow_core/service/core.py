@@ -7,10 +7,15 @@ the default project): another project's prediction is NotFound, as an unknown on
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,12 @@ from quarkflow_core.errors import (
     InvalidInput,
     NotFound,
 )
-from quarkflow_core.images import DecodeBudget, give_large_frees_back, prepare_uploads
+from quarkflow_core.images import (
+    DecodeBudget,
+    ImageInfo,
+    give_large_frees_back,
+    prepare_uploads,
+)
 from quarkflow_core.outbox import Flusher, Outbox, Record, outbox_path
 from quarkflow_core.predictions import (
     FEEDBACK,
@@ -47,12 +57,27 @@ from quarkflow_core.predictor import MicroBatcher, ModelHolder, NoModel, Predict
 from quarkflow_core.schema import DEFAULT_PROJECT_ID
 from quarkflow_core.service.faults import is_transient
 from quarkflow_core.service.metrics import Metrics
-from quarkflow_core.service.models import ProjectModels
+from quarkflow_core.service.models import ProjectModels, served_entry
 from quarkflow_core.service.principal import Principal
 from quarkflow_core.service.tokens import TokenCheck
 from quarkflow_core.storage import Storage, storage_from_url
 
 log = logging.getLogger("quarkflow.service")
+
+
+@dataclass
+class _Pending:
+    """A classification request between the batcher and the log (``PredictionService``)."""
+
+    predictor: Predictor
+    uploads: list[tuple[bytes, str | None]]
+    infos: list[ImageInfo]
+    futures: list[Future]
+    started: float
+    principal: Principal
+    request_id: str | None
+    source: str
+    project_id: int
 
 
 class PredictionService:
@@ -75,11 +100,16 @@ class PredictionService:
             max_batch=settings.serving_max_batch,
             max_wait_ms=settings.serving_max_wait_ms,
             on_batch=self.metrics.batch_size.observe,
+            adaptive_wait_ms=settings.serving_adaptive_wait_ms,
         )
         self.decode_budget = DecodeBudget(
             settings.max_decoding_pixels, wait_s=settings.decode_wait_s
         )
         give_large_frees_back()  # decoded frames' memory returns to the system once freed
+        # predict_async's validation, decoding and logging: one thread per core
+        self.decode_pool = ThreadPoolExecutor(
+            max_workers=max(1, len(os.sched_getaffinity(0))), thread_name_prefix="qf-decode"
+        )
         serving_dir = Path(settings.data_dir) / "serving"
         self.outbox = Outbox(outbox_path(settings.data_dir))
         self.flusher = Flusher(self.outbox, self._apply, is_transient=is_transient)
@@ -125,6 +155,7 @@ class PredictionService:
         for rescorer in self._rescorers:
             rescorer.join(timeout=30)
         self.batcher.stop()
+        self.decode_pool.shutdown(wait=True)
         self.flusher.stop()
         self.outbox.close()
         self.engine.dispose()
@@ -146,6 +177,7 @@ class PredictionService:
 
     def _on_swap(self, project_id: int, predictor: Predictor) -> None:
         self.metrics.swaps.inc()
+        self._tune_batching(predictor)
         if project_id == DEFAULT_PROJECT_ID:
             self.metrics.model_version.set(predictor.version or 0)
         if self.settings.review_rescore and predictor.version is not None:
@@ -158,6 +190,22 @@ class PredictionService:
             )
             self._rescorers = [t for t in self._rescorers if t.is_alive()] + [rescorer]
             rescorer.start()
+
+    def _tune_batching(self, predictor: Predictor) -> None:
+        """A model on the GPU gets the GPU's micro-batches (``ml.backends.serving_batching``),
+        unless QF_SERVING_MAX_BATCH / QF_SERVING_MAX_WAIT_MS were set explicitly."""
+        from quarkflow_core.ml.backends import serving_batching
+
+        size, wait_ms = serving_batching(
+            predictor.backend_name,
+            max_batch=self.settings.serving_max_batch,
+            max_wait_ms=self.settings.serving_max_wait_ms,
+        )
+        explicit = self.settings.model_fields_set
+        if "serving_max_batch" not in explicit:
+            self.batcher.max_batch = size
+        if "serving_max_wait_ms" not in explicit:
+            self.batcher.max_wait_s = wait_ms / 1000.0
 
     def rescore_queue(
         self, predictor: Predictor, *, project_id: int = DEFAULT_PROJECT_ID
@@ -238,6 +286,64 @@ class PredictionService:
         """Validate every upload first (one bad file rejects the call, nothing is written),
         then predict them with the project's model through the batcher and log each durably
         (in that project) before returning."""
+        pending = self._submit(
+            uploads,
+            principal=principal,
+            request_id=request_id,
+            source=source,
+            project_id=project_id,
+        )
+        if isinstance(pending, list):  # a detection: answered already
+            return pending
+        return self._log_predictions(pending, [f.result(timeout=60) for f in pending.futures])
+
+    async def predict_async(
+        self,
+        uploads: list[tuple[bytes, str | None]],
+        *,
+        principal: Principal,
+        request_id: str | None = None,
+        source: str = "api",
+        project_id: int = DEFAULT_PROJECT_ID,
+    ) -> list[dict[str, Any]]:
+        """``predict`` for an event loop (the API's prediction routes): validation and
+        decoding run in ``decode_pool`` (as many threads as cores, so concurrent requests do
+        not fight over the cores and the GIL the model needs), the model's answer is awaited
+        without holding a thread, and the durable log is written in the pool too. The same
+        checks, in the same order, and the same guarantee: nothing is returned before every
+        record is committed to the outbox."""
+        loop = asyncio.get_running_loop()
+        pending = await loop.run_in_executor(
+            self.decode_pool,
+            functools.partial(
+                self._submit,
+                uploads,
+                principal=principal,
+                request_id=request_id,
+                source=source,
+                project_id=project_id,
+            ),
+        )
+        if isinstance(pending, list):
+            return pending
+        # shielded: a timeout here must not cancel a job the batcher may be running
+        probs = [
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(f)), timeout=60)
+            for f in pending.futures
+        ]
+        return await loop.run_in_executor(self.decode_pool, self._log_predictions, pending, probs)
+
+    def _submit(
+        self,
+        uploads: list[tuple[bytes, str | None]],
+        *,
+        principal: Principal,
+        request_id: str | None,
+        source: str,
+        project_id: int,
+    ) -> _Pending | list[dict[str, Any]]:
+        """``predict``'s checks, then every upload decoded and handed to the batcher; a
+        detection project's answer in full."""
         if request_id is not None and (len(request_id) > 64 or not request_id.isprintable()):
             raise InvalidInput("request id: at most 64 printable characters", code="invalid_header")
         predictor = self.models.ensure(project_id)
@@ -262,33 +368,51 @@ class PredictionService:
             )
         started = time.perf_counter()
         # (info, model input) per image: decoded one at a time under the process's budget,
-        # each full-size frame freed as soon as its small input array exists
-        infos = prepare_uploads(
-            uploads,
-            convert=predictor.preprocess_image,
-            budget=self.decode_budget,
-            max_bytes=self.settings.max_upload_bytes,
-            max_pixels=self.settings.max_image_pixels,
-            max_request_pixels=self.settings.max_request_pixels,
-            on_reject=lambda code: self.metrics.rejected.labels(code).inc(),
+        # each full-size frame freed as soon as its small input array exists; announced to
+        # the batcher meanwhile, so that a batch about to run waits for them (adaptive wait)
+        with self.batcher.coming(len(uploads)) as announced:
+            infos = prepare_uploads(
+                uploads,
+                convert=predictor.preprocess_image,
+                budget=self.decode_budget,
+                max_bytes=self.settings.max_upload_bytes,
+                max_pixels=self.settings.max_image_pixels,
+                max_request_pixels=self.settings.max_request_pixels,
+                on_reject=lambda code: self.metrics.rejected.labels(code).inc(),
+            )
+            futures = [
+                self.batcher.submit(array, predictor, announced=announced) for _, array in infos
+            ]
+        return _Pending(
+            predictor=predictor,
+            uploads=uploads,
+            infos=[info for info, _ in infos],
+            futures=futures,
+            started=started,
+            principal=principal,
+            request_id=request_id,
+            source=source,
+            project_id=project_id,
         )
-        futures = [self.batcher.submit(array, predictor) for _, array in infos]
+
+    def _log_predictions(self, pending: _Pending, probs: list[Any]) -> list[dict[str, Any]]:
+        """Summarize the model's answers and log each durably; what the caller is told."""
+        predictor = pending.predictor
         threshold = predictor.threshold(self.settings.review_threshold)
         out = []
-        for (data, _), (info, _), fut in zip(uploads, infos, futures, strict=True):
-            probs = fut.result(timeout=60)
-            s = summarize(probs, predictor.classes, k=min(5, len(predictor.classes)))
-            latency = (time.perf_counter() - started) * 1000
+        for (data, _), info, row in zip(pending.uploads, pending.infos, probs, strict=True):
+            s = summarize(row, predictor.classes, k=min(5, len(predictor.classes)))
+            latency = (time.perf_counter() - pending.started) * 1000
             payload = prediction_record(
                 summary=s,
                 info=info,
                 model_version=predictor.version,
                 latency_ms=latency,
                 review_threshold=threshold,
-                user_id=principal.user_id,
-                request_id=request_id,
-                source=source,
-                project_id=project_id,
+                user_id=pending.principal.user_id,
+                request_id=pending.request_id,
+                source=pending.source,
+                project_id=pending.project_id,
             )
             self._log_prediction(payload, data)
             out.append(public_view(payload))
@@ -343,6 +467,34 @@ class PredictionService:
             self._log_prediction(payload, data)
             out.append({**public_view(payload), "threshold": round(threshold, 4)})
         return out
+
+    def predict_probabilities(
+        self,
+        uploads: list[tuple[bytes, str | None]],
+        *,
+        principal: Principal,
+        request_id: str | None = None,
+        source: str = "api",
+        project_id: int = DEFAULT_PROJECT_ID,
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """``predict``, with each image's whole calibrated probability vector as well
+        (``probabilities``, in the model's class order: the Open Inference Protocol's output,
+        ``quarkflow_core.oip``), and the model that answered. The same checks, batcher and
+        durable log as ``predict``; a detection project answers as ``predict`` does."""
+        pending = self._submit(
+            uploads,
+            principal=principal,
+            request_id=request_id,
+            source=source,
+            project_id=project_id,
+        )
+        if isinstance(pending, list):  # a detection: answered already
+            return self.models.current(project_id), pending
+        probs = [f.result(timeout=60) for f in pending.futures]
+        out = self._log_predictions(pending, probs)
+        return pending.predictor, [
+            {**answer, "probabilities": row} for answer, row in zip(out, probs, strict=True)
+        ]
 
     def _log_prediction(self, payload: dict[str, Any], data: bytes) -> None:
         """Durable before the answer: the record (and its image) committed to the outbox."""
@@ -463,9 +615,7 @@ class PredictionService:
         checks: dict[str, Any] = {}
         current = self.holder.current
         checks["model"] = (
-            {"ok": True, "version": current.version, "backend": current.backend_name}
-            if current
-            else {"ok": False, "error": "no model loaded"}
+            served_entry(current) if current else {"ok": False, "error": "no model loaded"}
         )
         try:
             with self.engine.connect() as conn:
@@ -479,6 +629,12 @@ class PredictionService:
         except Exception as exc:
             checks["storage"] = {"ok": False, "error": str(exc)[:200]}
         checks["outbox"] = self.flusher.status()
+        if current:
+            checks["model"]["batching"] = {
+                "max_batch": self.batcher.max_batch,
+                "max_wait_ms": round(self.batcher.max_wait_s * 1000, 3),
+                "adaptive_wait_ms": round(self.batcher.adaptive_s * 1000, 3),
+            }
         if self.watch_error:
             checks["model"]["watch_error"] = self.watch_error
         checks["projects"] = self.models.report()

@@ -44,6 +44,23 @@ def load_served(path: str | Path, *, version: int | None, backend: str = "auto")
     return Predictor.from_artifact(path, version=version, backend=backend)
 
 
+def served_entry(predictor: Any) -> dict[str, Any]:
+    """What ``/readyz`` says of a served model: its version, backend and device, and why that
+    backend (``backend_note``; ``fallback`` when the one asked for could not be used)."""
+    entry = {
+        "ok": True,
+        "version": predictor.version,
+        "backend": predictor.backend_name,
+        "device": getattr(predictor, "device", "cpu"),
+    }
+    note = getattr(predictor, "backend_note", None)
+    if note:
+        entry["backend_note"] = note
+    if getattr(predictor, "fallback", False):
+        entry["fallback"] = True
+    return entry
+
+
 class ProjectModels:
     """``holders``: project id -> its ``ModelHolder`` (the default project's always exists);
     ``names``: project id -> name, as of the last listing; ``errors``: project id -> why its
@@ -218,9 +235,7 @@ class ProjectModels:
         for pid in sorted(set(self.names) | set(self.holders)):
             current = self.current(pid)
             entry: dict[str, Any] = (
-                {"ok": True, "version": current.version, "backend": current.backend_name}
-                if current
-                else {"ok": False, "error": "no model loaded"}
+                served_entry(current) if current else {"ok": False, "error": "no model loaded"}
             )
             if pid in self.errors:
                 entry["load_error"] = self.errors[pid]

@@ -65,6 +65,7 @@ class Deployment:
             "QF_STORAGE_URL": self.storage_url,
             "QF_SECRET_KEY": SECRET,
             "QF_MODEL_POLL_S": "0.2",
+            "QF_GRPC_PORT": "0",  # a server that needs gRPC picks a free port
             "GRADIO_ANALYTICS_ENABLED": "False",
             "HF_HUB_OFFLINE": "1",
             "DO_NOT_TRACK": "1",
