@@ -89,34 +89,17 @@ def _drop(url: str) -> None:
     admin.dispose()
 
 
-def _make_champion(work: Path, db_url: str, storage_url: str) -> tuple[Path, str]:
-    """A resnet18 artifact with an ONNX export, registered and approved; returns (dir, token)."""
-    import torch
+def approve_champion(art: Path, db_url: str, storage_url: str, *, cache_root: Path) -> str:
+    """Migrate ``db_url``, make an ML lead and a domain expert, register ``art`` and approve it
+    as champion; returns the expert's token (what the benchmark's clients send)."""
     from sqlalchemy.orm import Session
 
     from quarkflow_core import migrations, registry
     from quarkflow_core.database import make_engine
-    from quarkflow_core.ml.artifacts import load_artifact, save_artifact
-    from quarkflow_core.ml.models import get_model
-    from quarkflow_core.ml.transforms import eval_preset
-    from quarkflow_core.ml.variants import export_artifact
     from quarkflow_core.schema import Role
     from quarkflow_core.storage import storage_from_url
     from quarkflow_core.users import create_token, create_user
 
-    torch.manual_seed(0)
-    preset = eval_preset("imagenet224")
-    art = work / "resnet18"
-    save_artifact(
-        art,
-        model=get_model("resnet18", num_classes=10, in_channels=3).eval(),
-        architecture="resnet18",
-        classes=[f"class{i}" for i in range(10)],
-        in_channels=3,
-        preset=preset,
-    )
-    images = torch.randint(0, 255, (4, 3, 224, 224), dtype=torch.uint8)
-    export_artifact(load_artifact(art), fmt="onnx", images=images)
     migrations.upgrade(db_url)
     engine = make_engine(db_url)
     storage = storage_from_url(storage_url)
@@ -134,9 +117,35 @@ def _make_champion(work: Path, db_url: str, storage_url: str) -> tuple[Path, str
             version=row,
             user=lead,
             reason="benchmark champion",
-            cache_root=work / "cache",
+            cache_root=cache_root,
         )
     engine.dispose()
+    return token
+
+
+def _make_champion(work: Path, db_url: str, storage_url: str) -> tuple[Path, str]:
+    """A resnet18 artifact with an ONNX export, registered and approved; returns (dir, token)."""
+    import torch
+
+    from quarkflow_core.ml.artifacts import load_artifact, save_artifact
+    from quarkflow_core.ml.models import get_model
+    from quarkflow_core.ml.transforms import eval_preset
+    from quarkflow_core.ml.variants import export_artifact
+
+    torch.manual_seed(0)
+    preset = eval_preset("imagenet224")
+    art = work / "resnet18"
+    save_artifact(
+        art,
+        model=get_model("resnet18", num_classes=10, in_channels=3).eval(),
+        architecture="resnet18",
+        classes=[f"class{i}" for i in range(10)],
+        in_channels=3,
+        preset=preset,
+    )
+    images = torch.randint(0, 255, (4, 3, 224, 224), dtype=torch.uint8)
+    export_artifact(load_artifact(art), fmt="onnx", images=images)
+    token = approve_champion(art, db_url, storage_url, cache_root=work / "cache")
     return art, token
 
 

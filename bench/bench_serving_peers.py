@@ -54,6 +54,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench import bench_serving
+
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).parent / "peers"
 VENVS = Path(__file__).parent / ".venvs"
@@ -77,7 +79,7 @@ THREADS = 2
 MAX_BATCH = 32
 PEER_WAIT_MS = 5.0  # LitServe's batch timeout (the outside benchmark's setting)
 POOL = 64  # distinct images per payload
-SECRET = "bench-secret"  # noqa: S105 - a throw-away database
+SECRET = bench_serving.SECRET  # approve_champion makes its tokens with it
 PEER_NAMES = ("litserve", "bentoml", "bare")
 
 
@@ -334,38 +336,11 @@ def _drop_pg(db: str) -> None:
 def start_quarkflow(name: str, tree: Path, art: Path, work: Path) -> Server:
     """`quarkflow serve` from ``tree``'s code, on a fresh database + local folder, with ``art``
     registered and approved as champion."""
-    from sqlalchemy.orm import Session
-
-    from quarkflow_core import migrations, registry
-    from quarkflow_core.database import make_engine
-    from quarkflow_core.schema import Role
-    from quarkflow_core.storage import storage_from_url
-    from quarkflow_core.users import create_token, create_user
-
     home = work / name
     home.mkdir()
     db_url, pg_db = _quarkflow_db(work, name)
     storage_url = f"file://{home}/store"
-    migrations.upgrade(db_url)
-    engine = make_engine(db_url)
-    storage = storage_from_url(storage_url)
-    with Session(engine, expire_on_commit=False) as s:
-        lead = create_user(session=s, username="bench-lead", role=Role.ML_LEAD)
-        expert = create_user(session=s, username="bench-expert", role=Role.DOMAIN_EXPERT)
-        _, token = create_token(session=s, user=expert, secret=SECRET)
-        s.commit()
-        row = registry.register_version(
-            session=s, storage=storage, artifact_dir=art, created_by="bench"
-        )
-        registry.approve(
-            session=s,
-            storage=storage,
-            version=row,
-            user=lead,
-            reason="benchmark champion",
-            cache_root=home / "cache",
-        )
-    engine.dispose()
+    token = bench_serving.approve_champion(art, db_url, storage_url, cache_root=home / "cache")
     port = _port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("QF_", "PYTHON"))},

@@ -206,18 +206,13 @@ def train_step(
     }
 
 
-def prune_step(
-    *,
-    session: Session,
-    storage: Storage,
-    artifact_dir: str,
-    snapshot_id: int,
-    spec: RetrainSpec,
-    project_id: int = DEFAULT_PROJECT_ID,
-) -> dict[str, Any]:
+def _variant_inputs(
+    session: Session, storage: Storage, artifact_dir: str, snapshot_id: int, project_id: int
+) -> tuple[Any, dict[Any, Any]]:
+    """A variant's inputs (pruning, INT8): the artifact, loaded, and the snapshot's splits
+    decoded at its preset."""
     from quarkflow_core.ml.artifacts import load_artifact
     from quarkflow_core.ml.data import load_snapshot
-    from quarkflow_core.ml.variants import prune_artifact
 
     loaded = load_artifact(artifact_dir)
     data = load_snapshot(
@@ -227,6 +222,21 @@ def prune_step(
         preset=loaded.preset,
         project_id=project_id,
     )
+    return loaded, data
+
+
+def prune_step(
+    *,
+    session: Session,
+    storage: Storage,
+    artifact_dir: str,
+    snapshot_id: int,
+    spec: RetrainSpec,
+    project_id: int = DEFAULT_PROJECT_ID,
+) -> dict[str, Any]:
+    from quarkflow_core.ml.variants import prune_artifact
+
+    loaded, data = _variant_inputs(session, storage, artifact_dir, snapshot_id, project_id)
     out = Path(artifact_dir).parent / f"{Path(artifact_dir).name}-pruned-{uuid.uuid4().hex[:6]}"
     report, _ = prune_artifact(
         loaded,
@@ -253,8 +263,6 @@ def quantize_step(
     the snapshot's train split, judged on its hold-out, written next to the artifact (or to
     ``out_dir``). Refused for detectors and when the accuracy loss exceeds
     ``max_loss_points``."""
-    from quarkflow_core.ml.artifacts import load_artifact
-    from quarkflow_core.ml.data import load_snapshot
     from quarkflow_core.ml.variants import quantize_artifact
 
     manifest = json.loads((Path(artifact_dir) / "manifest.json").read_text())
@@ -263,14 +271,7 @@ def quantize_step(
             "INT8 quantization is not offered for detectors (classifiers only); leave "
             "quantize unset"
         )
-    loaded = load_artifact(artifact_dir)
-    data = load_snapshot(
-        session=session,
-        storage=storage,
-        snapshot_id=snapshot_id,
-        preset=loaded.preset,
-        project_id=project_id,
-    )
+    loaded, data = _variant_inputs(session, storage, artifact_dir, snapshot_id, project_id)
     session.commit()  # end the read transaction before the minutes of quantizing (SQLite)
     out = out_dir or (
         Path(artifact_dir).parent / f"{Path(artifact_dir).name}-int8-{uuid.uuid4().hex[:6]}"
