@@ -67,6 +67,18 @@ ADMIN_PATHS = {
     ("PUT", "/api/v1/projects/{project}/grants/{username}"),
     ("DELETE", "/api/v1/projects/{project}/grants/{username}"),
 }
+# the Open Inference Protocol's REST paths (app/api/v2.py): a model there is a project
+OIP_PATHS = {
+    ("GET", "/v2"),
+    ("GET", "/v2/health/live"),
+    ("GET", "/v2/health/ready"),
+    ("GET", "/v2/models/{model_name}"),
+    ("GET", "/v2/models/{model_name}/versions/{model_version}"),
+    ("GET", "/v2/models/{model_name}/ready"),
+    ("GET", "/v2/models/{model_name}/versions/{model_version}/ready"),
+    ("POST", "/v2/models/{model_name}/infer"),
+    ("POST", "/v2/models/{model_name}/versions/{model_version}/infer"),
+}
 
 
 @pytest.fixture
@@ -422,7 +434,7 @@ def test_openapi_keeps_the_default_paths_and_adds_the_project_ones(tmp_path):
         for m, p in DEFAULT_PATHS
         if p not in NOT_PROJECT_SCOPED
     }
-    assert routes == DEFAULT_PATHS | ADMIN_PATHS | scoped
+    assert routes == DEFAULT_PATHS | ADMIN_PATHS | scoped | OIP_PATHS
     # the default paths come first, in their order from before projects
     assert [(m, p) for m, p, _ in operations][: len(DEFAULT_PATHS)] == [
         (m, p) for m, p, _ in operations if (m, p) in DEFAULT_PATHS
