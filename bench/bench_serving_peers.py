@@ -177,23 +177,9 @@ def ensure_venv(name: str) -> Path:
     return python
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its children, MB."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return float("nan")
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
-    return total / 2**20
-
-
-def cpu_s(pid: int) -> float:
+def _tree_sum(pid: int, measure: Any) -> float:
+    """``measure(process)`` summed over a process and all its children (those that exit
+    meanwhile are skipped); NaN when the process itself is gone."""
     import psutil
 
     try:
@@ -203,12 +189,19 @@ def cpu_s(pid: int) -> float:
         return float("nan")
     total = 0.0
     for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += measure(p)
     return total
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its children, MB."""
+    return _tree_sum(pid, lambda p: p.memory_info().rss) / 2**20
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and all its children."""
+    return _tree_sum(pid, lambda p: sum(p.cpu_times()[:2]))  # (user, system, ...)
 
 
 @dataclass
