@@ -44,7 +44,9 @@ def open_page(page, title: str, wait_text: str) -> None:
     once scrolled into view, so each chart is brought into view and waited for."""
     page.get_by_role("link", name=title).click()
     page.get_by_role("heading", name=title).first.wait_for(timeout=120_000)
-    page.get_by_text(wait_text).first.wait_for(timeout=120_000)
+    # attached, not visible: the text may be a chart's title below the fold (drawn hidden until
+    # scrolled to, below) or a data grid's header (an accessibility table that is never visible)
+    page.get_by_text(wait_text).first.wait_for(state="attached", timeout=120_000)
     page.wait_for_timeout(1000)  # elements drawn after the heading in the same script run
     charts = page.locator('[data-testid="stPlotlyChart"]')
     for i in range(charts.count()):
