@@ -102,7 +102,45 @@ start_labelstudio() {
   log "Label Studio ready on http://127.0.0.1:$LS_PORT"
 }
 
+# The Docker engine for the deploy test (tests/test_deploy_stack.py): Debian's docker.io, whose
+# CLI builds with BuildKit by itself, and debootstrap for the locally made base image. Only as
+# root; without an engine the deploy test is skipped with the reason, and nothing else changes.
+docker_cli() { if [ -x /usr/bin/docker ]; then echo /usr/bin/docker; else command -v docker || echo docker; fi; }
+docker_up() { timeout 20 "$(docker_cli)" info >/dev/null 2>&1; }
+
+start_docker() {
+  if docker_up; then log "docker engine already running"; return; fi
+  if [ "$(id -u)" != 0 ]; then
+    log "NO DOCKER ENGINE: not root, so dockerd cannot be started here; the deploy test will be SKIPPED"
+    return
+  fi
+  if ! command -v dockerd >/dev/null || [ ! -x /usr/bin/docker ] || ! command -v debootstrap >/dev/null; then
+    log "installing Debian's docker.io and debootstrap (once)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io debootstrap \
+        >"$STATE/docker-install.log" 2>&1; then
+      log "NO DOCKER ENGINE: apt-get install docker.io failed ($STATE/docker-install.log); the deploy test will be SKIPPED"
+      return
+    fi
+  fi
+  log "starting dockerd"
+  nohup dockerd >"$STATE/dockerd.log" 2>&1 &
+  echo $! > "$STATE/dockerd.pid"
+  for _ in $(seq 60); do docker_up && break; sleep 0.5; done
+  if ! docker_up; then
+    log "NO DOCKER ENGINE: dockerd did not start; the deploy test will be SKIPPED. Its log:"
+    tail -5 "$STATE/dockerd.log" || true
+    return
+  fi
+  log "docker engine ready ($("$(docker_cli)" info --format '{{.ServerVersion}}'))"
+}
+
 stop_all() {
+  if [ -f "$STATE/dockerd.pid" ]; then
+    kill "$(cat "$STATE/dockerd.pid")" 2>/dev/null || true
+    for _ in $(seq 60); do kill -0 "$(cat "$STATE/dockerd.pid")" 2>/dev/null || break; sleep 0.5; done
+    rm -f "$STATE/dockerd.pid"
+    log "stopped dockerd"
+  fi
   if [ -f "$STATE/labelstudio.pid" ]; then
     pkill -P "$(cat "$STATE/labelstudio.pid")" 2>/dev/null || true
     kill "$(cat "$STATE/labelstudio.pid")" 2>/dev/null || true
@@ -122,10 +160,11 @@ stop_all() {
 }
 
 case "${1:-}" in
-  start) start_postgres; start_gcs; start_labelstudio ;;
+  start) start_postgres; start_gcs; start_labelstudio; start_docker ;;
   stop) stop_all ;;
   status) pg_up && log "postgres up" || log "postgres down"
           port_open "$GCS_PORT" && log "fake-gcs up" || log "fake-gcs down"
-          ls_up && log "Label Studio up" || log "Label Studio down" ;;
+          ls_up && log "Label Studio up" || log "Label Studio down"
+          docker_up && log "docker engine up" || log "docker engine down" ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

@@ -346,7 +346,10 @@ def test_cpu_images_keep_every_pin_but_the_cuda_build():
         for d in dropped
     ), dropped
     assert {"torch-pruning", "torchmetrics", "onnxruntime"}.isdisjoint(dropped)
-    assert "\"$(grep '^torch==' /tmp/requirements.txt)+cpu\"" in text
+    assert "\"$(grep '^torch==' /tmp/requirements.txt)$TORCH_CPU_LOCAL\"" in text
+    # by default the CPU build from PyTorch's CPU index (a build argument)
+    assert "ARG TORCH_CPU_LOCAL=+cpu\n" in text
+    assert "ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu\n" in text
 
 
 # ----------------------------------------------------------------------------- Kubernetes

@@ -97,9 +97,13 @@ def db_current() -> None:
 
 
 def doctor() -> None:
-    """Check settings, database and storage; print what is in use (and the projects)."""
+    """Check settings, database and storage; print what is in use (the projects, the torch
+    build and whether a CUDA device can be used)."""
+    import torch
+
     from quarkflow_core.database import check_database, get_engine
     from quarkflow_core.migrations import head_revision
+    from quarkflow_core.ml.backends import cuda_status
     from quarkflow_core.storage import get_storage
 
     s = _settings()
@@ -116,3 +120,5 @@ def doctor() -> None:
         console.print(f"projects: {', '.join(names) or '(none)'}")
     get_storage().check()
     console.print("storage reachable")
+    usable, what = cuda_status()
+    console.print(f"torch {torch.__version__}: " + (f"CUDA device {what}" if usable else what))
