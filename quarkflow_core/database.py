@@ -69,7 +69,15 @@ def make_engine(url: str, **kwargs: object) -> Engine:
     sa_url = make_url(url)
     if sa_url.get_backend_name() == "sqlite":
         if sa_url.database and sa_url.database != ":memory:":
-            Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(sa_url.database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # e.g. the embedded default in an image's read-only /app
+                raise ConfigError(
+                    f"QF_DATABASE_URL: cannot create the SQLite database's folder "
+                    f"{folder.resolve()} ({exc.strerror}); set QF_DATABASE_URL (and "
+                    "QF_STORAGE_URL) to a writable place or a real server"
+                ) from exc
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
         _configure_sqlite(engine)
         return engine

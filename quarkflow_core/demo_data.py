@@ -15,6 +15,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from quarkflow_core.database import begin_write
 from quarkflow_core.datasets import MemberSpec, create_snapshot, stratified_holdout
 from quarkflow_core.errors import QuarkflowError
 from quarkflow_core.images import image_row, probe_image, store_blob
@@ -135,6 +136,9 @@ def ingest_seed(
     in the project; the blobs are shared). A detection data set gives each image's ``boxes``
     (its ``labels`` then only name the image, e.g. "3 boxes"); its hold-out is a seeded share
     of the images."""
+    # it reads, uploads, then writes: on SQLite take the write lock first, or a prediction
+    # logged by a running server in between makes the insert fail with "database is locked"
+    begin_write(session)
     check_same_classes(
         session=session, project_id=project_id, classes=classes, what=f"the {annotator} seed data"
     )

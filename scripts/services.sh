@@ -106,7 +106,7 @@ start_labelstudio() {
 # CLI builds with BuildKit by itself, and debootstrap for the locally made base image. Only as
 # root; without an engine the deploy test is skipped with the reason, and nothing else changes.
 docker_cli() { if [ -x /usr/bin/docker ]; then echo /usr/bin/docker; else command -v docker || echo docker; fi; }
-docker_up() { timeout 20 "$(docker_cli)" info >/dev/null 2>&1; }
+docker_up() { timeout "${1:-20}" "$(docker_cli)" info >/dev/null 2>&1; }
 
 start_docker() {
   if docker_up; then log "docker engine already running"; return; fi
@@ -125,7 +125,7 @@ start_docker() {
   log "starting dockerd"
   nohup dockerd >"$STATE/dockerd.log" 2>&1 &
   echo $! > "$STATE/dockerd.pid"
-  for _ in $(seq 60); do docker_up && break; sleep 0.5; done
+  for _ in $(seq 60); do docker_up 5 && break; sleep 0.5; done
   if ! docker_up; then
     log "NO DOCKER ENGINE: dockerd did not start; the deploy test will be SKIPPED. Its log:"
     tail -5 "$STATE/dockerd.log" || true
@@ -136,8 +136,14 @@ start_docker() {
 
 stop_all() {
   if [ -f "$STATE/dockerd.pid" ]; then
-    kill "$(cat "$STATE/dockerd.pid")" 2>/dev/null || true
-    for _ in $(seq 60); do kill -0 "$(cat "$STATE/dockerd.pid")" 2>/dev/null || break; sleep 0.5; done
+    local pid
+    pid=$(cat "$STATE/dockerd.pid")
+    kill "$pid" 2>/dev/null || true   # dockerd stops its containers first
+    for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "dockerd ($pid) still running after 60 s; killing it. Containers left: $("$(docker_cli)" ps -q 2>/dev/null | wc -l)"
+      kill -9 "$pid" 2>/dev/null || true
+    fi
     rm -f "$STATE/dockerd.pid"
     log "stopped dockerd"
   fi

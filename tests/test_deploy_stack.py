@@ -19,6 +19,7 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import httpx
 import pytest
@@ -32,6 +33,27 @@ REASON = "first model of the deploy test"
 SWITCH = "deploy test: the second model, to see serving switch"
 SEED = 600  # digits: enough for a 2-epoch retrain to learn something on CPU
 LONG_RUNNING = ("postgres", "fake-gcs", "labelstudio", "prefect", "api", "workbench", "worker")
+
+
+def when(stamp: str) -> datetime:
+    """Docker's RFC 3339 time (nanoseconds, trailing zeros trimmed) as a datetime."""
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac or '0')[:6]:0<6}+00:00")
+
+
+def finish(stack: st.Compose, run_id: str, timeout: float = 900) -> None:
+    """Wait for a flow run on the stack's Prefect server to complete; fail at once, with the
+    worker's log, when it fails or crashes."""
+    prefect = f"http://{stack.port('prefect', 4200)}/api"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{prefect}/flow_runs/{run_id}", timeout=10).json()["state"]["type"]
+        if state == "COMPLETED":
+            assert run_id in stack.logs("worker", tail=3000), "it did not run on the worker"
+            return
+        assert state not in ("FAILED", "CRASHED", "CANCELLED"), (state, stack.logs("worker"))
+        time.sleep(3)
+    raise AssertionError(f"flow run {run_id} not finished in {timeout} s: {stack.logs('worker')}")
 
 
 @pytest.fixture(scope="module")
@@ -97,26 +119,8 @@ def stack(built, tmp_path_factory):
         yield compose
     finally:
         compose.down()
-        left = st.run(
-            [
-                st.docker_cli(),
-                "ps",
-                "-aq",
-                "--filter",
-                f"label=com.docker.compose.project={compose.project}",
-            ]
-        ).stdout.split()
-        volumes = st.run(
-            [
-                st.docker_cli(),
-                "volume",
-                "ls",
-                "-q",
-                "--filter",
-                f"label=com.docker.compose.project={compose.project}",
-            ]
-        ).stdout.split()
-        assert not left and not volumes, f"`down -v` left containers {left} and volumes {volumes}"
+        left = compose.remove_leftovers()  # checked after they are gone, so none leak
+        assert not any(left.values()), f"`down -v` left {left}"
 
 
 # ----------------------------------------------------------------------------- the images
@@ -167,7 +171,7 @@ def test_the_images_are_non_root_hold_no_secret_and_their_sizes_are_known(built)
         return [line for line in out.splitlines() if re.match(r"(nvidia-|triton=)", line, re.I)]
 
     assert cuda_dists("trainer"), "the trainer image lacks the CUDA libraries"
-    if st.HERE_BUILD_ARGS["TORCH_CPU_LOCAL"] == "+cpu":
+    if st.build_args().get("TORCH_CPU_LOCAL", "+cpu") == "+cpu":
         assert not cuda_dists("api")
     print(f"\n[deploy] image sizes (GB): {sizes}")
 
@@ -175,14 +179,24 @@ def test_the_images_are_non_root_hold_no_secret_and_their_sizes_are_known(built)
 def test_the_images_run_their_commands(built):
     """What the images' own commands and the Kubernetes manifests run, run here in the images."""
     docker = st.docker_cli()
-    doctor = st.run([docker, "run", "--rm", st.image_name("trainer")], timeout=300).stdout
-    # the trainer's CMD, `quarkflow doctor`, on the image's embedded default (in /data)
-    pin = next(
-        ln
+    torch_pin = next(
+        ln.split("==")[1]
         for ln in (st.ROOT / "requirements.txt").read_text().splitlines()
         if ln.startswith("torch==")
     )
-    assert "storage reachable" in doctor and f"torch {pin.split('==')[1]}" in doctor, doctor[-2000:]
+    # the trainer's CMD, `quarkflow doctor`: the torch build first, then the settings. With no
+    # QF_DATABASE_URL it fails, naming it (the embedded default cannot live in read-only /app)
+    bare = st.run([docker, "run", "--rm", st.image_name("trainer")], timeout=300, check=False)
+    assert bare.returncode == 2, (bare.stdout, bare.stderr)
+    assert f"torch {torch_pin}" in bare.stdout and "QF_DATABASE_URL" in bare.stderr, bare
+    embedded = [
+        "-e",
+        "QF_DATABASE_URL=sqlite:////data/qf.db",
+        "-e",
+        "QF_STORAGE_URL=file:///data/store",
+    ]
+    doctor = st.run([docker, "run", "--rm", *embedded, st.image_name("trainer")], timeout=300)
+    assert "storage reachable" in doctor.stdout, doctor.stdout[-2000:]
     for target in ("api", "workbench", "worker"):
         cmd = st.inspect_image(st.image_name(target))["Config"]["Cmd"]
         assert cmd[0] == "quarkflow"
@@ -208,13 +222,29 @@ def test_the_images_run_their_commands(built):
 
 def test_the_kubernetes_manifests_name_the_images_and_commands_built_here():
     """Every Quarkflow container in deploy/k8s runs one of the images this test builds (by its
-    repository name under the registry) with a command the image or compose runs."""
-    compose = yaml.safe_load((st.DEPLOY / "compose.yaml").read_text())["services"]
-    compose_cmds = {
-        tuple(s["command"]) for s in compose.values() if isinstance(s.get("command"), list)
-    }
+    repository name under the registry) with a command that image runs here: its own CMD, the
+    command compose runs in it, or, in the worker image, the Kubernetes worker of one of the
+    two work pools (whose type the image is shown to have in the test above)."""
+    services = yaml.safe_load((st.DEPLOY / "compose.yaml").read_text())["services"]
     dockerfile = (st.DEPLOY / "Dockerfile").read_text()
-    image_cmds = {tuple(json.loads(m)) for m in re.findall(r"^CMD (\[.*\])$", dockerfile, re.M)}
+    cmd_of = {
+        target: tuple(json.loads(cmd))
+        for target, cmd in re.findall(
+            r"^FROM \S+ AS (\S+)\n(?:(?!FROM ).*\n)*?CMD (\[.*\])$", dockerfile, re.M
+        )
+    }
+    pools = {
+        p.name.removesuffix("-work-pool.json") + "-k8s"
+        for p in (st.DEPLOY / "prefect").glob("*-work-pool.json")
+    }
+    assert pools == {"cpu-k8s", "gpu-k8s"}, pools
+    allowed = {
+        "api": {cmd_of["api"], tuple(services["migrate"]["command"])},  # migrate runs the api image
+        "workbench": {cmd_of["workbench"]},
+        "worker": {
+            ("prefect", "worker", "start", "--pool", p, "--type", "kubernetes") for p in pools
+        },
+    }
     seen = set()
     for path in sorted((st.DEPLOY / "k8s").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -230,22 +260,17 @@ def test_the_kubernetes_manifests_name_the_images_and_commands_built_here():
                     assert "quarkflow" not in c["image"], (path.name, c["image"])
                     continue
                 target = m.group(1)
-                assert target in st.APP_TARGETS, (path.name, c["image"])
-                cmd = tuple(c["command"])
-                assert cmd in compose_cmds | image_cmds or cmd[:3] == (
-                    "prefect",
-                    "worker",
-                    "start",
-                ), (path.name, cmd)
-                seen.add(target)
-    assert seen >= {"api", "workbench", "worker"}, seen
-    # the flows' Kubernetes jobs: prefect.yaml takes the images from QUARKFLOW_IMAGE and
-    # QUARKFLOW_TRAINER_IMAGE, which docs/operations.md sets to the worker and trainer images
-    flows = (st.DEPLOY / "prefect" / "prefect.yaml").read_text()
-    assert set(re.findall(r"\$(QUARKFLOW_[A-Z_]*IMAGE)", flows)) == {
-        "QUARKFLOW_IMAGE",
-        "QUARKFLOW_TRAINER_IMAGE",
-    }
+                assert target in allowed, (path.name, c["image"])
+                assert tuple(c["command"]) in allowed[target], (path.name, target, c["command"])
+                seen.add((target, tuple(c["command"])))
+    assert {t for t, _ in seen} == set(allowed), seen
+    # the flows' Kubernetes jobs: the GPU pool's run the trainer image, the CPU pool's the
+    # worker image (prefect.yaml's variables, which docs/operations.md sets to those images)
+    flows = yaml.safe_load((st.DEPLOY / "prefect" / "prefect.yaml").read_text())["deployments"]
+    want = {"gpu-k8s": "{{ $QUARKFLOW_TRAINER_IMAGE }}", "cpu-k8s": "{{ $QUARKFLOW_IMAGE }}"}
+    for d in flows:
+        pool = d["work_pool"]["name"]
+        assert d["work_pool"].get("job_variables", {}).get("image") == want[pool], d["name"]
     ops = (st.ROOT / "docs" / "operations.md").read_text()
     assert "QUARKFLOW_IMAGE=REGISTRY/quarkflow/worker:VERSION" in ops
     assert "QUARKFLOW_TRAINER_IMAGE=REGISTRY/quarkflow/trainer:VERSION" in ops
@@ -259,27 +284,22 @@ def test_the_stack_runs_the_loop(stack, tmp_path):
     containers = {c["Service"]: c for c in stack.ps()}
     for name in LONG_RUNNING:
         assert containers[name]["Health"] == "healthy", (name, containers[name])
+    for target in ("api", "workbench"):  # the images' own HEALTHCHECKs pass in them too
+        check = st.inspect_image(st.image_name(target))["Config"]["Healthcheck"]["Test"]
+        assert check[0] == "CMD", check
+        stack.exec(target, *check[1:], timeout=60)
     assert containers["migrate"]["State"] == "exited" and containers["migrate"]["ExitCode"] == 0
-    migrate_runs = st.run(
-        [
-            st.docker_cli(),
-            "ps",
-            "-aq",
-            "--filter",
-            f"label=com.docker.compose.project={stack.project}",
-            "--filter",
-            "label=com.docker.compose.service=migrate",
-        ]
-    ).stdout.split()
-    assert len(migrate_runs) == 1, migrate_runs
+    migrate = stack.inspect(containers["migrate"]["ID"])
+    assert migrate["RestartCount"] == 0, migrate["RestartCount"]
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
     head = ScriptDirectory.from_config(Config(str(st.ROOT / "alembic.ini"))).get_current_head()
     assert stack.psql("SELECT version_num FROM alembic_version") == head
-    finished = stack.inspect(containers["migrate"]["ID"])["State"]["FinishedAt"]
-    for app in ("api", "workbench", "worker"):
-        assert stack.inspect(containers[app]["ID"])["State"]["StartedAt"] > finished, app
+    for app in ("api", "workbench", "worker"):  # after migrate, and none migrates again
+        started = stack.inspect(containers[app]["ID"])["State"]["StartedAt"]
+        assert when(started) > when(migrate["State"]["FinishedAt"]), app
+        assert "Running upgrade" not in stack.logs(app, tail=5000), app
 
     # the first user, a token and the seed data, the way docs/operations.md says
     stack.exec(
@@ -305,12 +325,8 @@ def test_the_stack_runs_the_loop(stack, tmp_path):
     def registered() -> list[dict]:
         return http.get("/api/v1/models").json()["versions"]
 
-    models = wait_until(
-        registered, timeout=900, every=5, what="the retrain on the worker to register a version"
-    )
-    assert run_id in stack.logs("worker", tail=2000), (
-        "the flow run did not run on the worker container"
-    )
+    finish(stack, run_id)
+    models = registered()
     version = models[0]["version"]
 
     # approval switches what the API serves
@@ -396,12 +412,9 @@ def test_the_stack_runs_the_loop(stack, tmp_path):
     started_at = stack.inspect(api_container)["State"]["StartedAt"]
     again = http.post("/api/v1/retrain", json={"epochs": 1})
     assert again.status_code == 202, again.text
-    versions = wait_until(
-        lambda: len(v := registered()) >= 2 and v,
-        timeout=900,
-        every=5,
-        what="the second retrain to register v2",
-    )
+    finish(stack, again.json()["flow_run_id"])
+    versions = registered()
+    assert len(versions) == 2, versions
     v2 = max(m["version"] for m in versions)
     # override: two short runs on the same data may not clear the promotion policy's bar,
     # and this checks the switch, not the policy (tests/test_gate.py does)
@@ -438,7 +451,7 @@ def test_the_harness_fails_on_a_broken_dockerfile_a_wrong_command_and_a_missing_
             context=st.ROOT,
             target="api",
             tag="quarkflow/api:broken",
-            build_args=st.HERE_BUILD_ARGS,
+            build_args=st.build_args(),
             log=tmp_path / "build.log",
         )
 
@@ -448,9 +461,12 @@ def test_the_harness_fails_on_a_broken_dockerfile_a_wrong_command_and_a_missing_
     missing = st.Compose(
         project=f"qfbreak{uuid.uuid4().hex[:6]}", workdir=tmp_path / "missing", env=env
     )
-    with pytest.raises(st.StackFailed, match="QF_SECRET_KEY"):
-        up(missing, "api", timeout=120)
-    missing.down()
+    try:
+        with pytest.raises(st.StackFailed, match="required variable QF_SECRET_KEY"):
+            up(missing, "api", timeout=120)
+    finally:
+        missing.down()  # fails on the same missing variable: the label sweep removes the rest
+        assert not any(missing.remove_leftovers().values())
 
     # a wrong command in compose: the api never gets healthy and `up --wait` fails
     wrong_cmd = tmp_path / "compose.wrong-command.yaml"
@@ -462,9 +478,14 @@ def test_the_harness_fails_on_a_broken_dockerfile_a_wrong_command_and_a_missing_
         overrides=[st.TEST_DEPLOY / "compose.test.yaml", wrong_cmd],
     )
     try:
-        with pytest.raises(st.StackFailed, match="api"):
+        with pytest.raises(st.StackFailed):
             up(wrong, "api", timeout=240)
-        api = next(c for c in wrong.ps() if c["Service"] == "api")
-        assert api["State"] != "running" or api.get("Health") != "healthy", api
+        states = {c["Service"]: c for c in wrong.ps()}
+        assert states["migrate"]["ExitCode"] == 0, states["migrate"]  # the rest was fine
+        # it exits (the CLI's usage error, 2) and compose's restart policy keeps restarting it
+        api = wrong.inspect(states["api"]["ID"])
+        assert api["RestartCount"] >= 1 or api["State"]["ExitCode"] == 2, api["State"]
+        assert "No such command 'serv'" in wrong.logs("api"), wrong.logs("api")
     finally:
         wrong.down()
+        assert not any(wrong.remove_leftovers().values())

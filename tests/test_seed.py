@@ -98,7 +98,14 @@ def test_cli_full_demo_pipeline(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    (tmp_path / "a-file").write_text("")  # a SQLite folder that cannot be made (even as root)
     for var, value, command, needle in [
+        (
+            "QF_DATABASE_URL",
+            f"sqlite:///{tmp_path}/a-file/qf.db",
+            "doctor",
+            "QF_DATABASE_URL: cannot create the SQLite database's folder",
+        ),
         (
             "QF_DATABASE_URL",
             "postgresql://u:p@127.0.0.1:9/x",
@@ -143,3 +150,48 @@ def test_init_prepares_a_fresh_deployment_and_can_be_repeated(tmp_path, gcs_host
     doctor = _cli(env, "doctor")
     assert doctor.returncode == 0 and "storage reachable" in doctor.stdout
     assert "needs" not in _cli(env, "db", "current").stdout  # at head
+
+
+def test_seeding_beside_a_writer_on_sqlite_never_finds_the_database_locked(tmp_path, monkeypatch):
+    """A server logging predictions while a seed runs on SQLite (WAL): a write committed by
+    another connection between the seed's first read and its inserts used to make them fail at
+    once with 'database is locked' (seen in CI). The seed takes the write lock first, so the
+    other writer waits for it instead, and both land."""
+    import threading
+
+    from helpers.serving import local_deploy
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    import quarkflow_core.demo_data as demo_data
+
+    dep = local_deploy(tmp_path, None)
+    engine = dep.engine()
+    writer_errors: list[Exception] = []
+
+    def other_writer() -> None:  # what the outbox flusher of a running server does
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        except Exception as exc:
+            writer_errors.append(exc)
+
+    writer = threading.Thread(target=other_writer)
+    real_store_blob = demo_data.store_blob
+
+    def store_blob_beside_a_writer(storage, png, info):  # during the seed's uploads
+        if not writer.is_alive() and writer.ident is None:
+            writer.start()
+            writer.join(timeout=1.0)  # without the lock taken first it commits right here
+        return real_store_blob(storage, png, info)
+
+    monkeypatch.setattr(demo_data, "store_blob", store_blob_beside_a_writer)
+    try:
+        with Session(engine) as s:
+            report = demo_data.seed_demo(session=s, storage=dep.storage(), limit=100)
+            s.commit()
+        writer.join(timeout=60)
+        assert report.images_created == 100
+        assert not writer.is_alive() and not writer_errors, writer_errors
+    finally:
+        engine.dispose()

@@ -106,6 +106,8 @@ def doctor() -> None:
     from quarkflow_core.ml.backends import cuda_status
     from quarkflow_core.storage import get_storage
 
+    usable, what = cuda_status()  # first: it needs no setting (a GPU node checked by hand)
+    console.print(f"torch {torch.__version__}: " + (f"CUDA device {what}" if usable else what))
     s = _settings()
     console.print(f"settings ok: database={s.database_backend} storage={s.storage_url}")
     engine = get_engine(s.database_url)
@@ -120,5 +122,3 @@ def doctor() -> None:
         console.print(f"projects: {', '.join(names) or '(none)'}")
     get_storage().check()
     console.print("storage reachable")
-    usable, what = cuda_status()
-    console.print(f"torch {torch.__version__}: " + (f"CUDA device {what}" if usable else what))

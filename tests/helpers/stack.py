@@ -9,6 +9,7 @@ plugin) with the host's network, so pip inside a build reaches PyPI the way the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -33,13 +36,28 @@ STANDINS = {  # stand-in target in tests/deploy/standins.Dockerfile -> image com
     "labelstudio": "quarkflow-standin/label-studio:1.23.2",
     "prefect": "quarkflow-standin/prefect:3.8.8",
 }
-# Here PyTorch's CPU index (download.pytorch.org) is unreachable: the CPU images take the
-# default (CUDA) build of the same pinned torch from PyPI (deploy/Dockerfile, TORCH_CPU_*).
-HERE_BUILD_ARGS = {
-    "PYTHON_IMAGE": BASE_IMAGE,
-    "TORCH_CPU_INDEX_URL": "https://pypi.org/simple",
-    "TORCH_CPU_LOCAL": "",
-}
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+@functools.cache
+def build_args() -> dict[str, str]:
+    """deploy/Dockerfile's build arguments on this machine: the local base image; PyTorch's CPU
+    build from its CPU index when that answers (the Dockerfile's defaults). Where it does not
+    (these machines), the CPU images take PyPI's default (CUDA) build of the same pinned torch,
+    which the Dockerfile allows with TORCH_CPU_LOCAL empty, and carry its CUDA libraries."""
+    try:
+        reachable = httpx.get(f"{CPU_INDEX}/torch/", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        reachable = False
+    if reachable:
+        return {"PYTHON_IMAGE": BASE_IMAGE}
+    return {
+        "PYTHON_IMAGE": BASE_IMAGE,
+        "TORCH_CPU_INDEX_URL": "https://pypi.org/simple",
+        "TORCH_CPU_LOCAL": "",
+    }
+
+
 # the base image's recipe: a change makes the next run rebuild it
 BASE_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -168,7 +186,10 @@ def ensure_base_image(log: Path) -> float:
             ],
             stdin=tar.stdout,
         )
-        tar.wait()
+        if tar.wait() != 0:
+            raise AssertionError(
+                f"tar of the base image's root file system failed ({tar.returncode})"
+            )
     return time.monotonic() - start
 
 
@@ -230,7 +251,7 @@ def build_app_images(
             context=ROOT,
             target=t,
             tag=image_name(t, tag),
-            build_args=HERE_BUILD_ARGS,
+            build_args=build_args(),
             log=log,
         )
         for t in APP_TARGETS
@@ -316,7 +337,12 @@ class Compose:
     def __call__(
         self, *args: str, timeout: float = 600, check: bool = True, input: str | None = None
     ) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if k not in self.env}  # only the env file counts
+        # only the env file counts: nothing of this shell's settings reaches the stack
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in self.env and not k.startswith(("QF_", "STORAGE_EMULATOR", "COMPOSE_"))
+        }
         env["DOCKER_CONFIG"] = str(self.workdir / "docker-config")
         return run(
             self.command(*args), timeout=timeout, check=check, env=env, input=input, cwd=ROOT
@@ -351,3 +377,22 @@ class Compose:
 
     def down(self) -> None:
         self("down", "-v", "--remove-orphans", "--timeout", "20", timeout=300, check=False)
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Containers and volumes of this project that are still there."""
+        label = f"label=com.docker.compose.project={self.project}"
+        cli = docker_cli()
+        return {
+            "containers": run([cli, "ps", "-aq", "--filter", label]).stdout.split(),
+            "volumes": run([cli, "volume", "ls", "-q", "--filter", label]).stdout.split(),
+        }
+
+    def remove_leftovers(self) -> dict[str, list[str]]:
+        """Whatever `down -v` could not remove (e.g. when the compose file no longer resolves),
+        removed by the project's label; returns what there was."""
+        left = self.leftovers()
+        if left["containers"]:
+            run([docker_cli(), "rm", "-f", "-v", *left["containers"]], check=False)
+        if left["volumes"]:
+            run([docker_cli(), "volume", "rm", "-f", *left["volumes"]], check=False)
+        return left
